@@ -1,0 +1,53 @@
+"""The `relay` command: the one place that parses arguments, runs the event loop and exits.
+
+Subcommands: serve, check, demo, emulator, queue, doctor, hash-password. Each one's work lives in
+its own module as an async function returning an exit status; this module only wires them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    emu = sub.add_parser("emulator", help="run the Exchange Online emulator in the foreground")
+    emu.add_argument("--config", "-c", type=Path, help="emulator YAML (tenants, apps, mailboxes)")
+    emu.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("emulator-state"),
+        help="where the CA certificate and received messages are written",
+    )
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--smtp-port", type=int, default=2587)
+    emu.add_argument(
+        "--https-port",
+        type=int,
+        default=8443,
+        help="identity platform port; Graph listens on the next port",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        status = asyncio.run(_dispatch(args))
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "emulator":
+        from relay.testing.run import run_emulator
+
+        return await run_emulator(args)
+    raise AssertionError(args.command)
