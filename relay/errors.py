@@ -10,8 +10,9 @@
         │   ├── UpstreamUnavailable (also ConnectionError)
         │   ├── UpstreamTimeout     (also TimeoutError)
         │   ├── TokenUnavailable    the identity platform could not give a token now
-        │   └── TokenRejected       it refused the account's credentials (an operator must act;
-        │                           the mail waits rather than bounces)
+        │   └── TokenRejected       the identity platform or Exchange refused the account's
+        │                           credentials or token (an operator must act; the mail
+        │                           waits rather than bounces)
         └── PermanentFailure   5xx or a definite "no" about this message: bounce and dead-letter
 
 Foreign exceptions (aiosmtplib, aiohttp, msal, OSError) are mapped into this tree at the
@@ -99,7 +100,8 @@ class TokenUnavailable(TemporaryFailure):
 
 
 class TokenRejected(TemporaryFailure):
-    """The identity platform refused the account's credentials (bad secret, unknown app...).
+    """The account's credentials or token were refused (bad secret, unknown app, no
+    FullAccess on the mailbox, SMTP AUTH disabled...).
 
     Temporary on purpose: the fault is the configuration, not the message, so mail waits in the
     spool (until `max_age`) while an operator fixes the secret.
