@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
         default=8443,
         help="identity platform port; Graph listens on the next port",
     )
+    emu.add_argument(
+        "--graph-port",
+        type=int,
+        help="Graph port (default: the one after --https-port, or any free port if that is 0)",
+    )
     return p
 
 
