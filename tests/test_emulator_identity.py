@@ -625,14 +625,18 @@ async def test_injected_503_raises_in_msal(
 async def test_fault_for_one_tenant_spares_the_others(
     emulator: Emulator, sample: SampleTenant, client: Msal
 ) -> None:
+    """A tenant's own fault comes before a global one; other tenants get only the global one."""
     fabrikam = sample.directory.add_tenant(domain="fabrikam.com")
     other = fabrikam.add_app(secret="fabrikam-secret")
+    emulator.identity.faults.throttle(retry_after=1)
     emulator.identity.faults.unavailable(tenant="fabrikam.com")
 
-    ok = await client.token(sample.client_id, sample.client_secret)
-    assert "access_token" in ok
-    with pytest.raises(msal.exceptions.MsalServiceError):
+    with pytest.raises(msal.exceptions.MsalServiceError, match="HTTP Error: 503"):
         await client.token(other.client_id, "fabrikam-secret", tenant=fabrikam.tenant_id)
+    throttled = await client.token(sample.client_id, sample.client_secret)
+    assert client.last.status_code == 429 and "access_token" not in throttled
+    ok = await client.token(sample.client_id, sample.client_secret)
+    assert ok["token_source"] == "identity_provider"
 
 
 async def test_any_catalogue_error_can_be_injected(
@@ -725,6 +729,8 @@ async def test_port_in_use_fails_start_and_leaves_nothing_running(
     taken = int(emulator.authority.rsplit(":", 1)[1])
     second = Emulator(sample.directory, state_dir=tmp_path / "second", identity_port=taken)
     with pytest.raises(OSError):
+        await second.start()
+    with pytest.raises(RuntimeError, match="Emulator is closed; an emulator starts only once"):
         await second.start()
     await second.aclose()
 

@@ -207,6 +207,7 @@ class Emulator:
     async def start(self) -> None:
         if self.state is not EmulatorState.NEW:
             raise RuntimeError(f"Emulator is {self.state.value}; an emulator starts only once")
+        self.state = EmulatorState.CLOSED  # until every service is up: a failed start is final
         async with AsyncExitStack() as stack:
             self.pki.write_ca(self.ca_file)
             await self._identity_server.start(self.host, self._identity_port)

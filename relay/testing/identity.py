@@ -295,7 +295,7 @@ class Faults:
         self.push(UNAVAILABLE, tenant=tenant, retry_after=retry_after)
 
     def take(self, tenant_id: str | None) -> Fault | None:
-        for key in (tenant_id, None) if tenant_id is not None else (None,):
+        for key in (tenant_id, None):
             queue = self._queues.get(key)
             if queue:
                 return queue.popleft()
