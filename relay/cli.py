@@ -17,6 +17,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    check = sub.add_parser("check", help="validate relay.yaml and show what it resolves to")
+    check.add_argument("--config", "-c", type=Path, default=Path("relay.yaml"))
+    check.add_argument("--online", action="store_true", help="also get a token per account")
+
     emu = sub.add_parser("emulator", help="run the Exchange Online emulator in the foreground")
     emu.add_argument("--config", "-c", type=Path, help="emulator YAML (tenants, apps, mailboxes)")
     emu.add_argument(
@@ -51,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check":
+        from relay.check import run_check
+
+        return await run_check(args)
     if args.command == "emulator":
         from relay.testing.run import run_emulator
 

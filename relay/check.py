@@ -1,0 +1,206 @@
+"""`relay check`: load relay.yaml and show what it resolves to, without touching the network.
+
+Takes the config file's path; leaves nothing anywhere (no spool, no sockets). Prints the
+resolved listeners, routes, accounts, spool and inbound imports on stdout and returns 0, or
+prints the first `ConfigError` (file:line: YAML path: message (hint)) on stderr and returns 2.
+Secrets show as `********`. The online part (asking the identity platform for a token per
+account) is not here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from relay.config import (
+    AccountConfig,
+    AfterImport,
+    Config,
+    Credential,
+    CredentialKind,
+    InboundConfig,
+    ListenerConfig,
+    Rate,
+    RouteConfig,
+    RouteMatch,
+    Transport,
+    load,
+)
+from relay.errors import ConfigError
+
+MASK = "********"
+
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+_SIZES = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024), ("MB", 1000**2), ("KB", 1000))
+_PER = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "day"}
+
+
+async def run_check(args: argparse.Namespace) -> int:
+    """`relay check -c FILE [--online]`: 0 when the file is valid, 2 when it is not."""
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(describe(config))
+    if args.online:
+        print(
+            "relay check: --online (token checks) is not yet available; only the offline "
+            "checks ran",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def describe(config: Config) -> str:
+    """What the config resolves to, section by section, with every secret masked."""
+    lines = [f"{config.source or 'relay.yaml'}: valid", ""]
+    lines.append("listen:" if config.listeners else "listen: none (no SMTP intake)")
+    lines += [f"  {_listener(listener)}" for listener in config.listeners]
+    limits = config.limits
+    lines.append(
+        f"limits: max_message_size {format_size(limits.max_message_size)}, max_recipients "
+        f"{limits.max_recipients}, max_line_length {format_size(limits.max_line_length)}"
+    )
+    users = ", ".join(f"{name} (password_hash {MASK})" for name in config.users)
+    lines.append(f"users: {users or 'none'}")
+    lines.append("routes (the first match wins):" if config.routes else "routes: none")
+    for route in config.routes:
+        lines += _route(route)
+    lines.append("accounts:" if config.accounts else "accounts: none")
+    for account in config.accounts.values():
+        lines += _account(account)
+    spool = config.spool
+    lines += [
+        "spool:",
+        f"  path: {spool.path}",
+        f"  retry: {', '.join(map(format_duration, spool.retry))} (the last repeats)",
+        f"  max_age: {format_duration(spool.max_age)}, then "
+        + ("bounce to the sender" if spool.bounces else "dead-letter without a bounce"),
+    ]
+    lines.append("inbound:" if config.inbound else "inbound: none")
+    for inbound in config.inbound:
+        lines += _inbound(inbound)
+    admin = config.admin
+    lines.append(f"admin: {_address(admin.host, admin.port)}" if admin else "admin: off")
+    lines.append(f"log: {config.log.format.value}, {config.log.level}")
+    return "\n".join(lines)
+
+
+def _listener(listener: ListenerConfig) -> str:
+    networks = ", ".join(str(n) for n in listener.networks)
+    if listener.auth.required or not networks:
+        login = "every client must log in"
+    else:
+        login = f"no login needed from {networks}; others must log in"
+    tls = listener.tls
+    files = f" (cert_file {tls.cert_file}, key_file {tls.key_file})" if tls.cert_file else ""
+    return f"{listener.address}: tls {tls.mode.value}{files}; {login}"
+
+
+def _route(route: RouteConfig) -> list[str]:
+    sender = route.sender.value
+    if route.send_as:
+        sender += f", may also send as {', '.join(route.send_as)}"
+    pacing = (
+        f"rate {format_rate(route.rate)}, connections {route.connections}, "
+        f"max_recipients {route.max_recipients}"
+    )
+    lines = [
+        f"  {route.name}:",
+        f"    match: {_match(route.match)}",
+        f"    send: account {route.account}, mailbox {route.mailbox}, "
+        f"transport {route.transport.value}",
+        f"    sender: {sender}",
+        f"    pacing: {pacing}",
+    ]
+    if route.transport is Transport.GRAPH:
+        lines.append(f"    save_to_sent_items: {str(route.save_to_sent_items).lower()}")
+    return lines
+
+
+def _match(match: RouteMatch) -> str:
+    parts = [
+        (label, ", ".join(map(str, values)))
+        for label, values in (
+            ("sender", match.senders),
+            ("from", match.from_headers),
+            ("recipient", match.recipients),
+            ("client", match.clients),
+            ("user", match.users),
+        )
+        if values
+    ]
+    return "; ".join(f"{label} {values}" for label, values in parts) or "every message"
+
+
+def _account(account: AccountConfig) -> list[str]:
+    endpoints = account.endpoints
+    return [
+        f"  {account.name}:",
+        f"    cloud: {account.cloud.value}",
+        f"    tenant_id: {account.tenant_id}",
+        f"    client_id: {account.client_id}",
+        f"    credential: {_credential(account.credential)}",
+        f"    authority: {endpoints.authority}",
+        f"    smtp: {_address(endpoints.smtp_host, endpoints.smtp_port)}",
+        f"    graph: {endpoints.graph}",
+        f"    ca_file: {account.ca_file or 'none (system trust store)'}",
+    ]
+
+
+def _credential(credential: Credential) -> str:
+    if credential.kind is CredentialKind.SECRET:
+        return f"client_secret {MASK}"
+    if credential.kind is CredentialKind.FEDERATED:
+        return f"federated_token_file {credential.federated_token_file}"
+    if credential.pfx_file is not None:
+        files = f"pfx_file {credential.pfx_file}"
+    else:
+        files = f"key_file {credential.key_file}, cert_file {credential.cert_file}"
+    passphrase = f", passphrase {MASK}" if credential.passphrase else ""
+    return f"certificate {files}{passphrase}"
+
+
+def _inbound(inbound: InboundConfig) -> list[str]:
+    ((kind, target),) = inbound.deliver.items()
+    if isinstance(target, tuple):  # smtp: (host, port)
+        target = _address(*target)
+    after = inbound.after.value
+    if inbound.after is AfterImport.MOVE_TO:
+        after = f"move_to {inbound.move_to}"
+    return [
+        f"  {inbound.name}:",
+        f"    from: account {inbound.account}, mailbox {inbound.mailbox}, folder "
+        f"{inbound.folder}, every {format_duration(inbound.poll_interval)}",
+        f"    deliver: {kind} {target}",
+        f"    after: {after}",
+    ]
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def format_duration(seconds: float) -> str:
+    """The config's own spelling: 90 -> 1m30s, 432000 -> 5d, 0.5 -> 0.5s."""
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    left, parts = int(seconds), []
+    for unit, size in _UNITS:
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(parts)
+
+
+def format_size(size: int) -> str:
+    """The config's own spelling: 36700160 -> 35MiB, 10000 -> 10KB, 1234 -> 1234."""
+    for unit, factor in _SIZES:
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def format_rate(rate: Rate) -> str:
+    return f"{rate.count}/{_PER.get(rate.per) or format_duration(rate.per)}"
