@@ -13,6 +13,8 @@ import argparse
 import sys
 
 from relay.config import (
+    DURATION_UNITS,
+    RATE_UNITS,
     AccountConfig,
     AfterImport,
     Config,
@@ -24,15 +26,15 @@ from relay.config import (
     RouteConfig,
     RouteMatch,
     Transport,
+    format_address,
     load,
 )
 from relay.errors import ConfigError
 
 MASK = "********"
 
-_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 _SIZES = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024), ("MB", 1000**2), ("KB", 1000))
-_PER = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "day"}
+_PER = {seconds: unit for unit, seconds in RATE_UNITS.items()}
 
 
 async def run_check(args: argparse.Namespace) -> int:
@@ -82,7 +84,7 @@ def describe(config: Config) -> str:
     for inbound in config.inbound:
         lines += _inbound(inbound)
     admin = config.admin
-    lines.append(f"admin: {_address(admin.host, admin.port)}" if admin else "admin: off")
+    lines.append(f"admin: {admin.address}" if admin else "admin: off")
     lines.append(f"log: {config.log.format.value}, {config.log.level}")
     return "\n".join(lines)
 
@@ -143,7 +145,7 @@ def _account(account: AccountConfig) -> list[str]:
         f"    client_id: {account.client_id}",
         f"    credential: {_credential(account.credential)}",
         f"    authority: {endpoints.authority}",
-        f"    smtp: {_address(endpoints.smtp_host, endpoints.smtp_port)}",
+        f"    smtp: {format_address(endpoints.smtp_host, endpoints.smtp_port)}",
         f"    graph: {endpoints.graph}",
         f"    ca_file: {account.ca_file or 'none (system trust store)'}",
     ]
@@ -165,7 +167,7 @@ def _credential(credential: Credential) -> str:
 def _inbound(inbound: InboundConfig) -> list[str]:
     ((kind, target),) = inbound.deliver.items()
     if isinstance(target, tuple):  # smtp: (host, port)
-        target = _address(*target)
+        target = format_address(*target)
     after = inbound.after.value
     if inbound.after is AfterImport.MOVE_TO:
         after = f"move_to {inbound.move_to}"
@@ -178,19 +180,15 @@ def _inbound(inbound: InboundConfig) -> list[str]:
     ]
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def format_duration(seconds: float) -> str:
     """The config's own spelling: 90 -> 1m30s, 432000 -> 5d, 0.5 -> 0.5s."""
     if seconds != int(seconds):
         return f"{seconds:g}s"
     left, parts = int(seconds), []
-    for unit, size in _UNITS:
+    for unit, size in DURATION_UNITS.items():  # largest first
         if left >= size:
-            parts.append(f"{left // size}{unit}")
-            left %= size
+            parts.append(f"{left // int(size)}{unit}")
+            left %= int(size)
     return "".join(parts)
 
 

@@ -47,6 +47,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MiB = 1024 * 1024
 
 
+def format_address(host: str, port: int) -> str:
+    """host:port as relay.yaml writes it, IPv6 in brackets: [::1]:25."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Secret:
     """A secret value that never shows itself in repr, str, logs or tracebacks."""
 
@@ -104,7 +109,7 @@ class ListenerConfig:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,6 +275,10 @@ class InboundConfig:
 class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9025
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
 
 
 class LogFormat(Enum):
@@ -642,7 +651,7 @@ _DURATION = re.compile(
     r"(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?"
     r"(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?"
 )
-_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 _RATE = re.compile(r"(\d+)\s*/\s*([a-z]+)")
 RATE_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0, "day": 86400.0}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -676,7 +685,7 @@ def _duration(at: _At) -> float:
     if text.replace(".", "", 1).isdigit():
         seconds = float(text)
     elif match is not None and text:
-        seconds = sum(float(v) * _DURATION_UNITS[u] for u, v in match.groupdict().items() if v)
+        seconds = sum(float(v) * DURATION_UNITS[u] for u, v in match.groupdict().items() if v)
     else:
         raise at.error(f"expected {expected}, got {text!r}", hint="units: d, h, m, s")
     if seconds <= 0:
@@ -855,7 +864,7 @@ def _check_addresses(bound: Sequence[tuple[_At, ListenerConfig | AdminConfig]]) 
         key = (item.host, item.port)
         if item.port and key in seen:
             where = at.mapping(None).get("address") or at
-            raise where.error(f"{item.host}:{item.port} is already used by {seen[key]}")
+            raise where.error(f"{item.address} is already used by {seen[key]}")
         seen[key] = at.path
 
 
@@ -876,9 +885,21 @@ def _users(at: _At) -> Mapping[str, UserConfig]:
         m = user_at.mapping(("password_hash",))
         hint = "from `relay hash-password`"
         users[name] = UserConfig(
-            name=name, password_hash=m.require("password_hash", hint=hint).secret()
+            name=name, password_hash=_password_hash(m.require("password_hash", hint=hint))
         )
     return MappingProxyType(users)
+
+
+def _password_hash(at: _At) -> Secret:
+    """A hash starts with its scheme (`scrypt$...`); a plain password does not. Never shown."""
+    stored = at.secret()
+    scheme, dollar, _ = stored.reveal().partition("$")
+    if not (dollar and scheme.replace("_", "").isalnum()):
+        raise at.error(
+            "not a password hash (a plain password?)",
+            hint="store the output of `relay hash-password`, like scrypt$16384$8$1$...",
+        )
+    return stored
 
 
 def _spool(at: _At) -> SpoolConfig:
@@ -1042,19 +1063,20 @@ def _listener(at: _At, users: Mapping[str, UserConfig]) -> ListenerConfig:
     auth.put(auth_kw, "required", _At.boolean)
     kw["auth"] = ListenerAuth(**auth_kw)
     listener = ListenerConfig(**kw)
-    # Who must log in: every client when auth is required, else those outside `networks`.
-    login = auth.get("required") if listener.auth.required else m.get("networks")
-    if login is not None and (listener.auth.required or not listener.networks):
-        if not users:
-            raise login.error(
-                "every client must log in, but there are no users",
-                hint="add one under users, with a password_hash from `relay hash-password`",
-            )
-        if listener.tls.mode is TlsMode.NONE and not _is_loopback(listener.host):
-            raise login.error(
-                "every client must log in, and AUTH is offered only over TLS or on loopback",
-                hint="set tls.mode to starttls or implicit, or listen on a loopback address",
-            )
+    if listener.networks and not listener.auth.required:
+        return listener
+    # Every client must log in: there must be users, and a way to offer AUTH.
+    why = auth.require("required") if listener.auth.required else m.require("networks")
+    if not users:
+        raise why.error(
+            "every client must log in, but there are no users",
+            hint="add one under users, with a password_hash from `relay hash-password`",
+        )
+    if listener.tls.mode is TlsMode.NONE and not _is_loopback(listener.host):
+        raise why.error(
+            "every client must log in, and AUTH is offered only over TLS or on loopback",
+            hint="set tls.mode to starttls or implicit, or listen on a loopback address",
+        )
     return listener
 
 

@@ -42,6 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 SECRET = "Zq7-never-print-me-4Kx"  # must appear in no error, repr or description
 CLIENT_ID = "0b5d4f7a-1c2e-4a3b-9d8e-6f7a8b9c0d1e"
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+HASH = (
+    "scrypt$16384$8$1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNo"  # the shape `relay hash-password` writes
+)
 
 # 11 lines; cases append to the route (4-space indent, from line 12) or add sections.
 BASE = f"""\
@@ -88,7 +91,7 @@ SAMPLE_ENV = {
     "AZURE_TENANT_ID": TENANT_ID,
     "AZURE_CLIENT_ID": CLIENT_ID,
     "AZURE_CLIENT_SECRET": SECRET,
-    "ULTIMO_PASSWORD_HASH": "$scrypt$ln=15,r=8,p=1$c2FsdA$aGFzaA",
+    "ULTIMO_PASSWORD_HASH": HASH,
 }
 
 
@@ -195,7 +198,7 @@ def test_listener_networks_tls_and_auth(tmp_path: Path) -> None:
     networks: []
     tls: {mode: implicit, cert_file: tls/relay.crt, key_file: tls/relay.key}
 users:
-  ultimo: {password_hash: "$scrypt$abc"}
+  ultimo: {password_hash: "scrypt$abc"}
 accounts:""",
     )
     config = loads(text, source=str(tmp_path / "relay.yaml"), environ={})
@@ -249,8 +252,8 @@ def test_durations(duration: str, seconds: float) -> None:
 def test_users_spool_admin_log_and_limits(tmp_path: Path) -> None:
     text = BASE + (
         "users:\n"
-        "  ultimo: {password_hash: '$scrypt$abc'}\n"
-        "  printer: {password_hash: '$scrypt$def'}\n"
+        "  ultimo: {password_hash: 'scrypt$abc'}\n"
+        "  printer: {password_hash: 'pbkdf2_sha256$def'}\n"
         "spool: {path: data/spool, bounces: false}\n"
         "limits: {max_recipients: 50}\n"
         "admin: {address: '[::1]:9025'}\n"
@@ -258,7 +261,7 @@ def test_users_spool_admin_log_and_limits(tmp_path: Path) -> None:
     )
     config = loads(text, source=str(tmp_path / "etc" / "relay.yaml"), environ={})
     assert list(config.users) == ["ultimo", "printer"]
-    assert config.users["printer"].password_hash.reveal() == "$scrypt$def"
+    assert config.users["printer"].password_hash.reveal() == "pbkdf2_sha256$def"
     assert config.spool.path == tmp_path / "etc" / "data" / "spool"
     assert config.spool.bounces is False
     assert config.limits.max_recipients == 50
@@ -370,7 +373,7 @@ def test_a_route_with_every_key() -> None:
         "    connections: 1\n"
         "    max_recipients: 1000\n"
         "    save_to_sent_items: false\n"
-        "users: {ultimo: {password_hash: x}}\n"
+        "users: {ultimo: {password_hash: scrypt$x}}\n"
     )
     (route,) = parse(text).routes
     assert route.match == RouteMatch(
@@ -547,7 +550,7 @@ def test_secrets_are_masked_everywhere(tmp_path: Path) -> None:
         f"    tenant_id: {TENANT_ID}\n"
         f"    client_id: {CLIENT_ID}\n"
         f"    certificate: {{key_file: key.pem, cert_file: cert.pem, passphrase: '{SECRET}'}}\n"
-        f"users: {{ultimo: {{password_hash: '{SECRET}'}}}}\n"
+        f"users: {{ultimo: {{password_hash: 'scrypt${SECRET}'}}}}\n"
         "routes:",
     )
     config = loads(text, source=str(tmp_path / "relay.yaml"), environ={})
@@ -888,7 +891,7 @@ ROUTE_AT_12 = "relay.yaml:12: routes[0]"
             id="pattern with a space",
         ),
         pytest.param(
-            BASE + "    match: {user: ultimo}\nusers: {ultmo: {password_hash: x}}\n",
+            BASE + "    match: {user: ultimo}\nusers: {ultmo: {password_hash: scrypt$x}}\n",
             f"{ROUTE_AT_12}.match.user: unknown user 'ultimo' (did you mean 'ultmo'?)",
             id="unknown user",
         ),
@@ -907,7 +910,7 @@ ROUTE_AT_12 = "relay.yaml:12: routes[0]"
         pytest.param(
             BASE.replace("  - name: default\n", "  - name: default\n    match: {user: u}\n")
             + "  - {name: default, account: contoso, mailbox: other@contoso.com}\n"
-            + "users: {u: {password_hash: x}}\n",
+            + "users: {u: {password_hash: scrypt$x}}\n",
             "relay.yaml:13: routes[1].name: route name 'default' is already used by routes[0]",
             id="duplicate route name",
         ),
@@ -947,7 +950,7 @@ ROUTE_AT_12 = "relay.yaml:12: routes[0]"
         ),
         pytest.param(
             BASE.replace('"127.0.0.1:2525"', '"0.0.0.0:2525"\n    networks: []')
-            + "users: {u: {password_hash: x}}\n",
+            + "users: {u: {password_hash: scrypt$x}}\n",
             "relay.yaml:3: listen[0].networks: every client must log in, and AUTH is offered "
             "only over TLS or on loopback (set tls.mode to starttls or implicit, or listen on a "
             "loopback address)",
@@ -1002,7 +1005,13 @@ ROUTE_AT_12 = "relay.yaml:12: routes[0]"
             id="user without hash",
         ),
         pytest.param(
-            BASE + "users: {8080: {password_hash: x}}\n",
+            BASE + f"users: {{ultimo: {{password_hash: '{SECRET}'}}}}\n",
+            "relay.yaml:12: users.ultimo.password_hash: not a password hash (a plain password?) "
+            "(store the output of `relay hash-password`, like scrypt$16384$8$1$...)",
+            id="plain password as hash",
+        ),
+        pytest.param(
+            BASE + "users: {8080: {password_hash: scrypt$x}}\n",
             "relay.yaml:12: users: expected a name as key, got an integer",
             id="key not a name",
         ),
