@@ -327,6 +327,11 @@ class _Refusal(Exception):
 
 
 class IdentityPlatform:
+    """The aiohttp app (`.app`) of discovery and token endpoints for every tenant in `directory`.
+
+    Tokens live `token_lifetime` seconds (`expires_in`); `refresh_in`, when set, is sent too.
+    """
+
     def __init__(
         self,
         directory: Directory,
