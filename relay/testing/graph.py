@@ -49,15 +49,15 @@ from relay.testing.mailstore import (
     NewAttachment,
     Removal,
     StoredMessage,
+    addressing,
     folder_json,
     graph_time,
     json_attachment,
     message_json,
     mime_from_json,
     new_id,
+    parse_headers,
     parse_mime,
-    summarize,
-    with_attachments,
 )
 from relay.testing.tokens import GRAPH_AUDIENCE, Claims, InvalidToken, TokenIssuer, TokenProblem
 
@@ -407,7 +407,7 @@ def _mime_from_base64(body: bytes) -> bytes:
         mime = base64.b64decode(b"".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
         raise GraphError(400, "ErrorMimeContentInvalidBase64String", INVALID_BASE64) from None
-    if not mime.strip() or not parse_mime(mime).keys():
+    if not mime.strip() or not parse_headers(mime).keys():
         raise GraphError(400, "ErrorMimeContentInvalid", MIME_INCOMPLETE)
     return mime
 
@@ -780,10 +780,10 @@ class GraphService:
 
     def _submit(self, caller: _Caller, mime: bytes, route: SendRoute, *, save: bool) -> None:
         """Check a message as Exchange does before the 202, then record it as sent."""
-        summary = summarize(mime)
-        if not summary.recipients:
+        sender, recipients = addressing(mime)
+        if not recipients:
             raise GraphError(400, "ErrorInvalidRecipients", NO_RECIPIENTS)
-        if summary.sender is not None and not caller.box.may_send_as(summary.sender.address):
+        if sender is not None and not caller.box.may_send_as(sender.address):
             raise GraphError(403, "ErrorSendAsDenied", SEND_AS_DENIED)
         copy = None
         if save:
@@ -793,7 +793,7 @@ class GraphService:
             SentMail(
                 mailbox=caller.box.address,
                 mime=mime,
-                recipients=tuple(r.address for r in summary.recipients),
+                recipients=tuple(r.address for r in recipients),
                 route=route,
                 save_to_sent_items=save,
                 sent_items_id=copy,
@@ -844,11 +844,6 @@ class GraphService:
         caller.store.remove(draft.id)
         return web.Response(status=202)
 
-    def _attach(self, caller: _Caller, message: StoredMessage, attachment: NewAttachment) -> str:
-        message.replace_mime(with_attachments(message.mime, [attachment]))
-        caller.store.touch(message)
-        return new_id("AAMkAGAtt")
-
     async def _add_attachment(self, request: web.Request, caller: _Caller) -> web.StreamResponse:
         message = self._message(caller, request.match_info["id"])
         item = _json(await request.read())
@@ -858,7 +853,9 @@ class GraphService:
             attachment = json_attachment(item)
         except InvalidMessageJson as invalid:
             raise GraphError(400, "ErrorInvalidRequest", str(invalid)) from None
-        attachment_id = self._attach(caller, message, attachment)
+        message.attach(attachment)
+        caller.store.touch(message)
+        attachment_id = new_id("AAMkAGAtt")
         return _respond(
             201,
             {
@@ -956,7 +953,7 @@ class GraphService:
             is_inline=session.is_inline,
             content_id=session.content_id,
         )
-        message.replace_mime(with_attachments(message.mime, [attachment]))
+        message.attach(attachment)
         store.touch(message)
         location = request.url.origin().with_path(
             f"/v1.0/users('{store.address}')/messages('{message.id}')"

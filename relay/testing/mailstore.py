@@ -19,7 +19,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.headerregistry import Address
@@ -132,26 +132,57 @@ class MimeSummary:
         return self.to + self.cc + self.bcc
 
 
-@dataclass
 class StoredMessage:
-    id: str
-    folder_id: str
-    mime: bytes
-    received: datetime
-    is_read: bool
-    is_draft: bool
-    seq: int  # change-sequence number of the last change
-    created: datetime = field(default_factory=lambda: datetime.now(UTC))
-    modified: datetime = field(default_factory=lambda: datetime.now(UTC))
-    change_key: str = field(default_factory=lambda: new_id("CQAAABYAAA"))
-    summary: MimeSummary = field(init=False)
+    """A message in a mailbox: its MIME, where it is, and its state.
 
-    def __post_init__(self) -> None:
-        self.summary = summarize(self.mime)
+    Attachments added to a draft wait in `pending` and join the MIME when it is next read (at
+    send, or a `$value`), so a 25 MB upload is composed once rather than on every addition; the
+    JSON view (`summary`) is parsed from the MIME on first use.
+    """
 
-    def replace_mime(self, mime: bytes) -> None:
-        self.mime = mime
-        self.summary = summarize(mime)
+    def __init__(
+        self,
+        *,
+        folder_id: str,
+        mime: bytes,
+        received: datetime,
+        is_read: bool,
+        is_draft: bool,
+        seq: int,  # change-sequence number of the last change
+        created: datetime | None = None,
+    ) -> None:
+        self.id = new_id()
+        self.folder_id = folder_id
+        self._mime = mime
+        self.pending: list[NewAttachment] = []
+        self.received = received
+        self.is_read = is_read
+        self.is_draft = is_draft
+        self.seq = seq
+        self.created = created or datetime.now(UTC)
+        self.modified = datetime.now(UTC)
+        self.change_key = new_id("CQAAABYAAA")
+        self._summary: MimeSummary | None = None
+
+    def __repr__(self) -> str:
+        return f"<StoredMessage {self.id[:16]}… folder={self.folder_id[:16]}… seq={self.seq}>"
+
+    @property
+    def mime(self) -> bytes:
+        if self.pending:
+            self._mime = with_attachments(self._mime, self.pending)
+            self.pending = []
+        return self._mime
+
+    @property
+    def summary(self) -> MimeSummary:
+        if self._summary is None:
+            self._summary = summarize(self.mime)
+        return self._summary
+
+    def attach(self, attachment: NewAttachment) -> None:
+        self.pending.append(attachment)
+        self._summary = None
 
 
 @dataclass(frozen=True)
@@ -224,7 +255,6 @@ class MailStore:
         is_draft: bool = False,
     ) -> StoredMessage:
         message = StoredMessage(
-            id=new_id(),
             folder_id=folder_id,
             mime=mime,
             received=received or datetime.now(UTC),
@@ -251,7 +281,6 @@ class MailStore:
         """Move as Exchange does without immutable ids: a copy with a new id, then a delete."""
         old = self.remove(message_id)
         moved = StoredMessage(
-            id=new_id(),
             folder_id=folder_id,
             mime=old.mime,
             received=old.received,
@@ -283,6 +312,21 @@ def parse_mime(mime: bytes) -> EmailMessage:
     message = BytesParser(policy=MIME_POLICY).parsebytes(mime)
     assert isinstance(message, EmailMessage)
     return message
+
+
+def parse_headers(mime: bytes) -> EmailMessage:
+    """Only the header block: enough for addresses, cheap for a 30 MB message."""
+    message = BytesParser(policy=MIME_POLICY).parsebytes(mime, headersonly=True)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def addressing(mime: bytes) -> tuple[Recipient | None, tuple[Recipient, ...]]:
+    """The sender (first From address) and every To, Cc and Bcc recipient."""
+    headers = parse_headers(mime)
+    senders = _addresses(headers, "from")
+    recipients = _addresses(headers, "to") + _addresses(headers, "cc") + _addresses(headers, "bcc")
+    return (senders[0] if senders else None), recipients
 
 
 def _addresses(message: Message, name: str) -> tuple[Recipient, ...]:
