@@ -27,7 +27,7 @@ ALL_ROLES = frozenset({SMTP_SEND_AS_APP, MAIL_SEND, MAIL_READWRITE})
 
 @dataclass
 class Secret:
-    value: str
+    value: str = field(repr=False)
     expires: datetime | None = None
 
     def expired(self, now: datetime | None = None) -> bool:
