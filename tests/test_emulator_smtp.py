@@ -402,6 +402,7 @@ async def test_protocol_errors_in_exchange_wording(smtp: SmtpSubmission, world: 
         assert await client.reply("FOO bar") == "500 5.3.3 Unrecognized command 'FOO'"
         stamp = world.stamp(client.session_id)
         assert await client.reply("EHLO bad!name") == f"501 5.5.4 Invalid domain name {stamp}"
+        assert await client.reply("HELO bad!name") == f"501 5.5.4 Invalid domain name {stamp}"
         assert await client.reply("HELO relay.example.net") == f"250 {HOST} Hello [127.0.0.1]"
 
 
@@ -872,6 +873,24 @@ async def test_8bitmime_and_smtputf8_parameters(smtp: SmtpSubmission, world: Wor
     assert record.mail_options == ("BODY=8BITMIME", "SMTPUTF8")
     assert record.rcpt_tos == ("jörg@example.org",)
     assert record.data == data
+
+
+async def test_null_reverse_path_is_taken(smtp: SmtpSubmission, world: World) -> None:
+    """`MAIL FROM:<>` (bounces) is accepted; the From: header is still checked; `RCPT TO:<>` is
+    not an address."""
+    async with tls_session(smtp, world, user=SENDER) as client:
+        assert await client.reply("MAIL FROM:<> SIZE=100") == "250 2.1.0 Sender OK"
+        assert await client.reply("RCPT TO:<>") == "501 5.1.3 Invalid address"
+        assert await client.reply("RCPT TO:<a@example.org>") == "250 2.1.5 Recipient OK"
+        await client.reply("DATA")
+        assert (await client.reply(message() + b".\r\n")).startswith("250 2.0.0 OK <m1@")
+        await client.reply("MAIL FROM:<>")
+        await client.reply("RCPT TO:<a@example.org>")
+        await client.reply("DATA")
+        refused = await client.reply(message(sender="other@contoso.com") + b".\r\n")
+        assert refused.startswith("554 5.2.252 SendAsDenied; sender@contoso.com not allowed")
+    [record] = smtp.messages
+    assert (record.mail_from, record.rcpt_tos) == ("", ("a@example.org",))
 
 
 # --- faults ---------------------------------------------------------------------------------

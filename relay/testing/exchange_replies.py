@@ -49,6 +49,7 @@ NEED_MAIL = Reply(503, "5.5.2", "Need mail command")
 NEED_RCPT = Reply(503, "5.5.2", "Need rcpt command")
 SENDER_ALREADY_SPECIFIED = Reply(503, "5.5.2", "Sender already specified")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.2", "Already authenticated")  # RFC 4954: 503
+INVALID_ADDRESS = Reply(501, "5.1.3", "Invalid address")
 
 
 def unrecognized_command(command: str) -> Reply:

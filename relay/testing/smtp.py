@@ -71,6 +71,8 @@ DEFAULT_MAILBOX_SERVER = "EM1PR01MB0001.EURPRD01.PROD.OUTLOOK.COM"
 CONNECTIONS_PER_MAILBOX = 3
 # The daily recipient limit is counted over a rolling 24 hours (§5.1).
 RECIPIENT_WINDOW = 24 * 3600.0
+# How the null reverse-path `MAIL FROM:<>` is kept in aiosmtpd's envelope.
+NULL_PATH = "<>"
 # RFC 4954 allows AUTH lines of 12 288 octets; app tokens make 2-4 KB lines (§1.3, §1.7).
 AUTH_LINE_LIMIT = 16_384
 
@@ -217,11 +219,13 @@ def refusal(
 ) -> Reply | None:
     """Exchange's end-of-DATA verdict on a message, or None to accept it.
 
+    `mail_from` is "" for the null reverse-path: then only the From: addresses are checked
+    ([L]: Exchange's handling of `MAIL FROM:<>` on submission was not captured).
     `sent` is how many recipients the mailbox already had in the rolling 24 hours.
     """
     if size > box.max_send_size:
         return ex.MAX_SUBMISSION_EXCEEDED
-    for sender in (mail_from, *senders):
+    for sender in ([mail_from] if mail_from else []) + senders:
         if not box.may_send_as(sender):
             return ex.send_as_denied(box.address, sender)
     if sent + recipients > box.daily_recipient_limit:
@@ -321,9 +325,11 @@ class _Pending:
             return False
         if self.mailbox is not None and self.mailbox != (mailbox or "").lower():
             return False
-        if self.headers and headers is None:
-            return False
-        return all(str(headers.get(k, "")).strip() == v for k, v in self.headers.items())
+        if not self.headers:
+            return True
+        return headers is not None and all(
+            str(headers.get(k, "")).strip() == v for k, v in self.headers.items()
+        )
 
 
 # --- records --------------------------------------------------------------------------------
@@ -436,7 +442,7 @@ class SmtpSubmission:
         if self._server is None:
             return
         self._server.close()
-        tasks = [proto.task() for proto in self._live]
+        tasks = [task for proto in self._live if (task := proto.task()) is not None]
         for proto in list(self._live):
             proto.abort()
         if tasks:
@@ -587,7 +593,7 @@ class SmtpSubmission:
     ) -> Reply:
         """Decide on a message at the end of DATA, record it, and return the answer."""
         data = envelope.original_content or b""
-        mail_from = envelope.mail_from or ""
+        mail_from = "" if envelope.mail_from == NULL_PATH else envelope.mail_from or ""
         key = grant.mailbox.address.lower()
         now = self._clock()
         reply = injected or refusal(
@@ -636,6 +642,15 @@ class _ExchangeSMTP(SMTP):
         self.command_size_limits = collections.defaultdict(
             lambda: SMTP.command_size_limit, {"AUTH": AUTH_LINE_LIMIT}
         )
+        # aiosmtpd makes a mechanism of every `auth_*` attribute; catch a stray one early.
+        assert set(self._auth_methods) == {"LOGIN", "XOAUTH2"}, sorted(self._auth_methods)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd refuses the null reverse-path; RFC 5321 §4.5.5 wants it taken. `<>` stands
+        # for it in the envelope (aiosmtpd needs a non-empty sender there) and in the hooks.
+        if arg.startswith("<>"):
+            return NULL_PATH, arg[2:]
+        return super()._getaddr(arg)
 
     async def push(self, status: AnyStr) -> None:
         await super().push(exchange_wording(status) if isinstance(status, str) else status)
@@ -648,6 +663,9 @@ class _ExchangeSMTP(SMTP):
 
     async def _handle_client(self) -> None:
         assert self.session is not None
+        if self.conn.service._state is State.CLOSED:  # accepted while the service was closing
+            self.abort()
+            return
         peer = self.session.peer
         self.conn.client_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         await self.conn.fault(self, Phase.CONNECT)
@@ -680,8 +698,8 @@ class _ExchangeSMTP(SMTP):
         if self.transport is not None:
             self.transport.abort()
 
-    def task(self) -> asyncio.Task[None]:
-        assert self._handler_coroutine is not None
+    def task(self) -> asyncio.Task[None] | None:
+        """The task serving the client; None until the connection is made."""
         return self._handler_coroutine
 
 
@@ -870,6 +888,8 @@ class _Connection:
     ) -> str:
         reply = await self.fault(server, Phase.RCPT, mailbox=self.mailbox)
         assert self.grant is not None  # MAIL succeeded, so AUTH did
+        if reply is None and address == NULL_PATH:
+            reply = ex.INVALID_ADDRESS
         if reply is None and len(envelope.rcpt_tos) >= self.grant.mailbox.recipient_limit:
             reply = ex.TOO_MANY_RECIPIENTS
         if reply is None:
