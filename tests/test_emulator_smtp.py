@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import smtplib
 import ssl
@@ -461,6 +462,23 @@ async def test_aiosmtplib_auth_xoauth2_and_send(smtp: SmtpSubmission, world: Wor
     [record] = smtp.messages
     assert record.rcpt_tos == ("a@example.org", "b@example.org")
     assert record.data == data
+
+
+async def test_logins_log_no_token_and_no_warning(
+    smtp: SmtpSubmission, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both wire forms at DEBUG: the token is nowhere in the log, and nothing is a warning."""
+    caplog.set_level(logging.DEBUG)
+    token = world.token()
+    async with tls_session(smtp, world, user=SENDER, token=token):
+        pass
+    async with tls_session(smtp, world) as client:
+        await client.cmd("AUTH XOAUTH2")
+        assert (await client.reply(xoauth2(SENDER, token))).startswith("235 ")
+    assert [login.succeeded for login in smtp.logins] == [True, True]
+    assert token not in caplog.text
+    assert xoauth2(SENDER, token) not in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_mechanism_is_case_insensitive(smtp: SmtpSubmission, world: World) -> None:

@@ -628,6 +628,12 @@ class SmtpSubmission:
         return reply
 
 
+class _Session(Session):
+    # aiosmtpd sets this deprecated property on every AUTH, and its setter logs a warning each
+    # time; a plain attribute keeps the log quiet.
+    login_data = None
+
+
 class _ExchangeSMTP(SMTP):
     """aiosmtpd's SMTP with Exchange's limits and wording; the decisions are `_Connection`'s."""
 
@@ -644,6 +650,9 @@ class _ExchangeSMTP(SMTP):
         )
         # aiosmtpd makes a mechanism of every `auth_*` attribute; catch a stray one early.
         assert set(self._auth_methods) == {"LOGIN", "XOAUTH2"}, sorted(self._auth_methods)
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd refuses the null reverse-path; RFC 5321 §4.5.5 wants it taken. `<>` stands
