@@ -15,7 +15,8 @@ How a submission is judged (reference/exchange-online.md §1, §2.1, §5.1):
   close the connection after a 535, and so does the emulator. A fourth connection holding an
   AUTH for one mailbox gets `432 4.3.2` (decided at AUTH; a slot frees when its connection
   ends). AUTH LOGIN is basic auth: `550 5.7.30` (retired). Other mechanisms: `504 5.7.4`.
-* MAIL before AUTH: `530 5.7.57`. `SIZE=` over the service limit: `552 5.3.4`.
+* MAIL before AUTH: `530 5.7.57`. `SIZE=` over the service limit: `552 5.3.4`. The null
+  reverse-path `MAIL FROM:<>` is taken (RFC 5321); then only the From: header is checked.
 * RCPT beyond the mailbox's recipient limit: Exchange's in-session answer was never captured
   (only its NDR), so the emulator gives RFC 5321's `452 4.5.3 Too many recipients`, which tells
   the client to send the remaining recipients in another transaction.
