@@ -151,13 +151,13 @@ class Recipient:
 class QueueEntry:
     """One message's envelope and record, in the state it was last seen in."""
 
-    id: str
+    qid: str
     state: State
     envelope: Envelope
     size: int  # bytes of the message
     recipients: tuple[Recipient, ...]  # one per distinct envelope recipient, in order
     attempts: int = 0  # attempts that ended in `defer` or `dead`
-    next_attempt: float = 0.0
+    next_attempt: float = 0.0  # when it is due; for a message in queue/, its arrival (now)
     last_reply: str = ""
     reason: str = ""  # why a dead message is dead
 
@@ -165,15 +165,10 @@ class QueueEntry:
     def pending(self) -> tuple[str, ...]:
         return tuple(r.address for r in self.recipients if r.outcome is Outcome.PENDING)
 
-    @property
-    def due(self) -> float:
-        """When to try it: deferred mail at `next_attempt`, queued mail now (its arrival)."""
-        return self.next_attempt if self.state is State.DEFERRED else self.envelope.received_at
-
     def to_json(self) -> dict[str, Any]:
         """The form `relay queue list|show` prints, one JSON object per message."""
         return {
-            "id": self.id,
+            "qid": self.qid,
             "state": self.state.value,
             "size": self.size,
             **asdict(self.envelope),
@@ -303,7 +298,7 @@ def _record_json(entry: QueueEntry) -> dict[str, Any]:
 
 def _new_entry(qid: str, state: State, envelope: Envelope, size: int) -> QueueEntry:
     return QueueEntry(
-        id=qid,
+        qid=qid,
         state=state,
         envelope=envelope,
         size=size,
@@ -336,7 +331,8 @@ def _decode_entry(qid: str, state: State, frames: Sequence[_Frame]) -> QueueEntr
         return replace(
             entry,
             attempts=int(rec["attempts"]),
-            next_attempt=float(rec["next_attempt"]),
+            # A message in queue/ is due now, even if an operator moved it there from deferred/.
+            next_attempt=entry.next_attempt if state is State.QUEUE else float(rec["next_attempt"]),
             last_reply=str(rec["last_reply"]),
             recipients=tuple(
                 Recipient(str(r["address"]), Outcome(r["outcome"]), str(r["reply"]))
@@ -354,7 +350,7 @@ def _with_outcomes(
     done, failed = set(delivered), dict(failed or {})
     unknown = (done | failed.keys()) - {r.address for r in entry.recipients}
     if unknown:
-        raise ValueError(f"not recipients of {entry.id}: {sorted(unknown)}")
+        raise ValueError(f"not recipients of {entry.qid}: {sorted(unknown)}")
     return replace(
         entry,
         recipients=tuple(
@@ -456,9 +452,9 @@ class _Files:
     def append_record(self, state: State, entry: QueueEntry) -> None:
         """Append `entry`'s record to its file and sync it, first cutting off a torn tail."""
         frame = _encode(_RECORD, _record_json(entry))
-        with _io(f"updating {state.value}/{entry.id}"):
-            _, end, size = self.load(state, entry.id)
-            fd = self.disk.open(self.path(state, entry.id), os.O_WRONLY)
+        with _io(f"updating {state.value}/{entry.qid}"):
+            _, end, size = self.load(state, entry.qid)
+            fd = self.disk.open(self.path(state, entry.qid), os.O_WRONLY)
             try:
                 if size > end:
                     os.ftruncate(fd, end)
@@ -841,28 +837,41 @@ class Spool:
         Raises SpoolFull (no space) or SpoolError (any other write error, or the spool is
         closed); then nothing of the message will be delivered.
         """
-        if not envelope.rcpt_tos:
+        [qid] = await self.enqueue_many([(envelope, data)])
+        return qid
+
+    async def enqueue_many(self, messages: Sequence[tuple[Envelope, bytes]]) -> list[str]:
+        """Store several messages (one client message split by route) in one commit.
+
+        They share one journal write and sync: all are stored or, on an error, none is.
+        """
+        if not all(envelope.rcpt_tos for envelope, _ in messages):
             raise ValueError("an envelope needs at least one recipient")
         self._require_open()
         await self._room.wait()
         self._require_open()
         if self._trouble is not None and self._backlog > self._max_backlog:
             raise type(self._trouble)(str(self._trouble))
-        item = _Intake(
-            self._next_id(), envelope, len(data), data, asyncio.get_running_loop().create_future()
-        )
-        self._pending.append(item)
-        self._intake[item.qid] = item
-        self._account(len(data))
+        loop = asyncio.get_running_loop()
+        items = [
+            _Intake(self._next_id(), envelope, len(data), data, loop.create_future())
+            for envelope, data in messages
+        ]
+        for item in items:  # no await in between: the committer takes them in one batch
+            self._pending.append(item)
+            self._intake[item.qid] = item
+            self._account(item.size)
         self._wake.set()
         try:
-            await item.future
+            await asyncio.gather(*(item.future for item in items))
         except BaseException:
-            if item in self._pending:  # the committer has not taken it: it is simply gone
-                self._pending.remove(item)
-                self._forget(item)
+            for item in items:
+                if item in self._pending:  # the committer has not taken it: it is simply gone
+                    self._pending.remove(item)
+                    self._forget(item)
+                    item.future.cancel()
             raise
-        return item.qid
+        return [item.qid for item in items]
 
     def _next_id(self) -> str:
         us = max(time.time_ns() // 1000, self._last_us + 1)
@@ -972,7 +981,7 @@ class Spool:
     def ready(self) -> list[QueueEntry]:
         """Messages in queue/ and deferred/, soonest due first."""
         entries = [e for e in self._index.values() if e.state in _CLAIMABLE]
-        return sorted(entries, key=lambda e: (e.due, e.id))
+        return sorted(entries, key=lambda e: (e.next_attempt, e.qid))
 
     def on_ready(self, callback: ReadyCallback) -> None:
         """Call `callback(entry)` (in the event loop) for each message that becomes claimable
@@ -1068,22 +1077,27 @@ class Spool:
         return await self._store(entry)
 
     async def dead(
-        self, qid: str, *, reason: str, failed: Mapping[str, str] | None = None
+        self,
+        qid: str,
+        *,
+        reason: str,
+        failed: Mapping[str, str] | None = None,
+        delivered: Iterable[str] = (),
     ) -> QueueEntry:
         """Give up on a claimed message: move it to dead/ with `reason` kept in its record."""
-        entry = _with_outcomes(self._claimed(qid), failed=failed)
+        entry = _with_outcomes(self._claimed(qid), delivered=delivered, failed=failed)
         entry = replace(entry, state=State.DEAD, attempts=entry.attempts + 1, reason=reason)
         return await self._store(entry)
 
     async def _store(self, entry: QueueEntry) -> QueueEntry:
-        async with self._transition(entry.id):
+        async with self._transition(entry.qid):
             await asyncio.to_thread(self._store_job, entry)
-        self._index[entry.id] = entry
+        self._index[entry.qid] = entry
         return entry
 
     def _store_job(self, entry: QueueEntry) -> None:
         self._files.append_record(State.ACTIVE, entry)
-        self._files.move(entry.id, (State.ACTIVE,), entry.state, sync=True)
+        self._files.move(entry.qid, (State.ACTIVE,), entry.state, sync=True)
 
     # Operators' changes --------------------------------------------------------------------
 
@@ -1110,8 +1124,8 @@ class Spool:
                 if settled(qid) and (qid not in self._index or self._index[qid].state is not state)
             ]
             for entry in await asyncio.to_thread(self._files.load_all, changed):
-                if settled(entry.id):
-                    self._index[entry.id] = entry
+                if settled(entry.qid):
+                    self._index[entry.qid] = entry
                     if entry.state in _CLAIMABLE:
                         self._notify(entry)
             self._stamps = {q: t for q, t in self._stamps.items() if t > start}
@@ -1210,7 +1224,7 @@ class Spool:
             try:
                 callback(entry)
             except Exception:
-                log.exception("spool: on_ready callback failed for %s", entry.id)
+                log.exception("spool: on_ready callback failed for %s", entry.qid)
 
 
 class QueueAdmin:
@@ -1245,7 +1259,7 @@ class QueueAdmin:
 
     def _entries(self, states: Sequence[State]) -> list[QueueEntry]:
         wanted = [(q, s) for s in states for q in self._files.names(s) if _QID.fullmatch(q)]
-        return sorted(self._files.load_all(wanted), key=lambda e: e.id)
+        return sorted(self._files.load_all(wanted), key=lambda e: e.qid)
 
     def _find(self, qid: str) -> QueueEntry:
         entry = self._files.find(qid, _FILE_STATES)

@@ -63,15 +63,15 @@ async def main(path: Path, prefix: str) -> None:
     async def deliver() -> None:
         while True:
             entry = await claimable.get()
-            claimed = await spool.claim(entry.id)
+            claimed = await spool.claim(entry.qid)
             assert claimed is not None
-            n = seq_of(await spool.read(entry.id))
+            n = seq_of(await spool.read(entry.qid))
             if n % 3 == 0:
-                say(f"delivering {entry.id}")
-                await spool.delivered(entry.id, RECIPIENTS)
-                say(f"delivered {entry.id}")
+                say(f"delivering {entry.qid}")
+                await spool.delivered(entry.qid, RECIPIENTS)
+                say(f"delivered {entry.qid}")
             elif n % 3 == 1:
-                await spool.defer(entry.id, reply="451 4.3.0 later", next_attempt=1e10)
+                await spool.defer(entry.qid, reply="451 4.3.0 later", next_attempt=1e10)
 
     await asyncio.gather(deliver(), *(produce() for _ in range(PRODUCERS)))
 

@@ -146,7 +146,7 @@ async def test_message_goes_from_enqueue_to_delivered(spool: Spool, path: Path) 
     ready = Ready(spool)
     qid = await spool.enqueue(ENVELOPE, b"Subject: hi\r\n\r\nbody\r\n")
     [entry] = await ready.wait(1)
-    assert entry.id == qid
+    assert entry.qid == qid
     assert entry.state is State.QUEUE
     assert entry.envelope == ENVELOPE
     assert entry.pending == ("a@example.com", "b@example.com")
@@ -184,14 +184,13 @@ async def test_partial_delivery_and_deferral_are_recorded(path: Path) -> None:
         [entry] = spool.ready()
         assert entry == deferred
         assert entry.attempts == 1
-        assert entry.due == 1_900_000_000.0
         assert entry.recipients == (
             Recipient("a@x.test", Outcome.DELIVERED),
             Recipient("b@x.test", Outcome.FAILED, "550 5.1.1 no such user"),
             Recipient("c@x.test", Outcome.PENDING),
         )
         assert entry.to_json() == {
-            "id": qid,
+            "qid": qid,
             "state": "deferred",
             "size": 1,
             "mail_from": "",
@@ -223,7 +222,10 @@ async def test_dead_message_keeps_its_reason(path: Path) -> None:
         await ready.wait(1)
         await spool.claim(qid)
         dead = await spool.dead(
-            qid, reason="550 5.7.60 SendAs denied", failed=dict.fromkeys(ENVELOPE.rcpt_tos, "550")
+            qid,
+            reason="550 5.7.60 SendAs denied",
+            failed={"b@example.com": "550 5.7.60"},
+            delivered=["a@example.com"],
         )
         assert dead.state is State.DEAD
         assert spool.ready() == []
@@ -231,7 +233,10 @@ async def test_dead_message_keeps_its_reason(path: Path) -> None:
     [entry] = await QueueAdmin(path).entries()
     assert entry.state is State.DEAD
     assert entry.reason == "550 5.7.60 SendAs denied"
-    assert entry.pending == ()
+    assert entry.recipients == (
+        Recipient("a@example.com", Outcome.DELIVERED),
+        Recipient("b@example.com", Outcome.FAILED, "550 5.7.60"),
+    )
 
 
 async def test_ready_lists_queue_and_deferred_soonest_first(spool: Spool) -> None:
@@ -242,19 +247,24 @@ async def test_ready_lists_queue_and_deferred_soonest_first(spool: Spool) -> Non
     await spool.defer(first, reply="451", next_attempt=1_000.0)
     await spool.claim(second)
     await spool.defer(second, reply="451", next_attempt=2e10)
-    assert [e.id for e in spool.ready()] == [first, third, second]
+    assert [e.qid for e in spool.ready()] == [first, third, second]
 
 
 async def test_claimed_mail_returns_to_queue_at_open(path: Path) -> None:
-    """A message claimed when the process stopped is in the queue again after the next open."""
+    """A message claimed when the process stopped is in the queue again after the next open,
+    due at once (its arrival), whatever its record said about the next attempt."""
     async with await Spool.open(path, rescan_interval=None) as spool:
         ready = Ready(spool)
         qid = await spool.enqueue(ENVELOPE, b"m")
         await ready.wait(1)
         await spool.claim(qid)
+        await spool.defer(qid, reply="451", next_attempt=2e10)
+        await spool.claim(qid)
         assert files(path, "active") == [qid]
     async with await Spool.open(path, rescan_interval=None) as spool:
-        assert [(e.id, e.state) for e in spool.ready()] == [(qid, State.QUEUE)]
+        [entry] = spool.ready()
+        assert (entry.qid, entry.state, entry.attempts) == (qid, State.QUEUE, 1)
+        assert entry.next_attempt == ENVELOPE.received_at
         assert files(path, "active") == []
 
 
@@ -267,10 +277,30 @@ async def test_hundreds_of_concurrent_enqueues(path: Path) -> None:
     assert sorted(ids) == ids
     assert files(path, "incoming") == []  # everything materialised and checkpointed
     async with await Spool.open(path, rescan_interval=None) as spool:
-        assert {e.id for e in spool.ready()} == set(ids)
+        assert {e.qid for e in spool.ready()} == set(ids)
         for qid, data in zip(ids, bodies, strict=True):
             assert await spool.claim(qid) is not None
             assert await spool.read(qid) == data
+
+
+async def test_enqueue_many_commits_together(path: Path) -> None:
+    """One client message split by route: both parts are stored, or (on a write error) neither."""
+    disk = FaultyDisk()
+    split = [(ENVELOPE, b"part one"), (Envelope("", ("x@y.test",), "other", "::1"), b"part two")]
+    async with await Spool.open(path, disk=disk, rescan_interval=None) as spool:
+        disk.fail_write = lambda p: errno.ENOSPC if is_journal(p) else None
+        with pytest.raises(SpoolFull):
+            await spool.enqueue_many(split)
+        disk.fail_write = lambda p: None
+        ids = await spool.enqueue_many(split)
+        with pytest.raises(ValueError, match="at least one recipient"):
+            await spool.enqueue_many([(ENVELOPE, b"m"), (Envelope("", (), "r", "::1"), b"m")])
+    async with await Spool.open(path, rescan_interval=None) as spool:
+        stored = sorted(spool.ready(), key=lambda e: e.qid)
+        assert [(e.qid, e.envelope.route) for e in stored] == [
+            (ids[0], "maintenance"),
+            (ids[1], "other"),
+        ]
 
 
 async def test_segments_rotate_and_are_deleted_once_checkpointed(path: Path) -> None:
@@ -373,7 +403,7 @@ async def test_cancelled_enqueue_is_never_delivered(path: Path) -> None:
                 await task
         kept = await spool.enqueue(ENVELOPE, b"third")
     async with await Spool.open(path, rescan_interval=None) as spool:
-        assert [e.id for e in spool.ready()] == [kept]
+        assert [e.qid for e in spool.ready()] == [kept]
 
 
 async def test_aclose_flushes_commits_in_flight(path: Path) -> None:
@@ -403,7 +433,7 @@ async def test_replayed_journal_never_brings_back_delivered_mail(
         crashed = tmp_path / "crashed"
         shutil.copytree(path, crashed)  # the disk as a crash at this instant would leave it
     async with await Spool.open(crashed, rescan_interval=None) as spool:
-        assert [e.id for e in spool.ready()] == [kept]
+        assert [e.qid for e in spool.ready()] == [kept]
 
 
 async def test_message_materialised_but_not_checkpointed_is_recovered_once(
@@ -433,7 +463,7 @@ async def test_message_materialised_but_not_checkpointed_is_recovered_once(
         shutil.copytree(path, crashed)
         release.set()
     async with await Spool.open(crashed, rescan_interval=None) as spool:
-        assert [e.id for e in spool.ready()] == [qid]
+        assert [e.qid for e in spool.ready()] == [qid]
         assert await spool.claim(qid) is not None
         assert await spool.read(qid) == b"m"
 
@@ -449,7 +479,7 @@ async def test_torn_journal_tail_is_cut(path: Path, caplog: pytest.LogCaptureFix
     [segment] = (path / "incoming").iterdir()
     os.truncate(segment, segment.stat().st_size - 2000)  # mid-way through the third record
     async with await Spool.open(path, rescan_interval=None) as spool:
-        assert [e.id for e in spool.ready()] == ids[:2]
+        assert [e.qid for e in spool.ready()] == ids[:2]
         for qid, data in zip(ids[:2], bodies, strict=False):
             await spool.claim(qid)
             assert await spool.read(qid) == data
@@ -485,7 +515,7 @@ async def test_unreadable_files_go_to_corrupt(path: Path) -> None:
     data[-1] ^= 0xFF  # damage inside the message bytes: found when it is read
     (path / "queue" / flipped).write_bytes(data)
     async with await Spool.open(path, rescan_interval=None) as spool:
-        assert [e.id for e in spool.ready()] == [good, flipped]
+        assert [e.qid for e in spool.ready()] == [good, flipped]
         assert repr(spool) == f"<Spool {path} open {counts(path, queue=2, corrupt=2)}>"
         assert await spool.claim(flipped) is not None
         with pytest.raises(SpoolError, match="does not match its checksum"):
@@ -545,7 +575,7 @@ async def crash_rounds(path: Path, rounds: int, seed: int) -> None:
             elif word == "delivered":
                 delivered.add(args[0])
         async with await Spool.open(path, rescan_interval=None) as spool:
-            recovered = {e.id: e for e in spool.ready()}
+            recovered = {e.qid: e for e in spool.ready()}
             assert files(path, "corrupt") == [], where
             assert not delivered & recovered.keys(), f"{where}: delivered mail came back"
             assert expected.keys() <= recovered.keys(), f"{where}: lost mail"
@@ -591,7 +621,7 @@ async def test_journal_write_failure_refuses_the_batch(
         disk.fail_write = lambda p: None
         kept = await spool.enqueue(ENVELOPE, b"kept")
     async with await Spool.open(path, rescan_interval=None) as spool:
-        assert [e.id for e in spool.ready()] == [kept]
+        assert [e.qid for e in spool.ready()] == [kept]
 
 
 async def test_journal_sync_failure_refuses_the_batch(path: Path) -> None:
@@ -603,7 +633,7 @@ async def test_journal_sync_failure_refuses_the_batch(path: Path) -> None:
         disk.fail_sync = lambda p: None
         kept = await spool.enqueue(ENVELOPE, b"kept")
     async with await Spool.open(path, rescan_interval=None) as spool:
-        assert [e.id for e in spool.ready()] == [kept]
+        assert [e.qid for e in spool.ready()] == [kept]
 
 
 async def test_journal_that_cannot_be_cut_is_left_behind(path: Path) -> None:
@@ -637,7 +667,7 @@ async def test_materialisation_failure_is_retried(path: Path) -> None:
         ready = Ready(spool)
         qid = await spool.enqueue(ENVELOPE, b"m")
         [entry] = await ready.wait(1)
-        assert entry.id == qid and failures == 2
+        assert entry.qid == qid and failures == 2
         assert files(path, "incoming")[0].endswith(".journal")
 
 
@@ -742,10 +772,10 @@ async def test_operators_act_while_the_spool_serves(path: Path) -> None:
 
         assert (await admin.retry(retried)).state is State.QUEUE
         await spool.rescan()
-        assert ready.entries[-1].id == retried and ready.entries[-1].state is State.QUEUE
-        assert [e.id for e in spool.ready()] == [retried, deleted]
+        assert ready.entries[-1].qid == retried and ready.entries[-1].state is State.QUEUE
+        assert [e.qid for e in spool.ready()] == [retried, deleted]
 
-        assert (await admin.delete(deleted)).id == deleted
+        assert (await admin.delete(deleted)).qid == deleted
         await spool.rescan()
         assert repr(spool) == f"<Spool {path} open {counts(path, queue=1, hold=1)}>"
 
@@ -756,7 +786,7 @@ async def test_operators_act_while_the_spool_serves(path: Path) -> None:
         with pytest.raises(SpoolError, match=f"message {retried} is in active/; cannot move it"):
             await admin.hold(retried)
         listed = await admin.entries()
-        assert [(e.id, e.state) for e in listed] == [(held, State.HOLD), (retried, State.ACTIVE)]
+        assert [(e.qid, e.state) for e in listed] == [(held, State.HOLD), (retried, State.ACTIVE)]
         assert (await admin.show(held)).state is State.HOLD
 
 
@@ -786,7 +816,7 @@ async def test_retrying_a_dead_message_makes_its_recipients_pending(path: Path) 
             ENVELOPE.rcpt_tos,
         )
         [_, again] = await ready.wait(2)  # found by the periodic rescan
-        assert again.id == qid and again.pending == ENVELOPE.rcpt_tos
+        assert again.qid == qid and again.pending == ENVELOPE.rcpt_tos
 
 
 async def test_operator_errors(path: Path) -> None:
