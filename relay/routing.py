@@ -58,10 +58,11 @@ from relay.reply import Reply
 SEND_AS_DENIED = "SMTP; Client does not have permissions to send as this sender"  # reference §1.5
 NULL_SENDER_PATTERNS = frozenset({"", "<>"})
 
-_SHOWN_ROUTES = 3  # routes listed in a no-route reply before "+N more"
+_SHOWN_ROUTES = 3  # routes listed in a no-route reply before "N more"
 _SHOWN_PATTERNS = 3  # patterns listed per criterion
 _SHOWN_CHARS = 120  # client-supplied text quoted in a reply is cut here
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?: [A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*")
+_QUOTED_RUN = 900  # longest run without spaces a quoted name may have and still fit a 998 line
 _ENCODED_WORD_BYTES = 45  # 60 base64 chars: "=?utf-8?b?...?=" stays within RFC 2047's 75
 _REGISTRY = HeaderRegistry()
 
@@ -102,7 +103,6 @@ class _Glob:
     """A case-insensitive address glob where only `*` and `?` are special."""
 
     def __init__(self, pattern: str) -> None:
-        self.pattern = pattern
         self.null = pattern in NULL_SENDER_PATTERNS
         self.catch_all = pattern == "*"
         parts = ("." if c == "?" else ".*" if c == "*" else re.escape(c) for c in pattern)
@@ -122,7 +122,7 @@ def _in_networks(client_ip: str, networks: Sequence[IPNetwork]) -> bool:
     candidates = [ip]
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         candidates.append(ip.ipv4_mapped)
-    return any(c in net for c in candidates for net in networks if c.version == net.version)
+    return any(c in net for c in candidates for net in networks)
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ def _parse(field: Field) -> tuple[tuple[Address, ...], tuple[str, ...]]:
     """The field's addresses and its group names; none when the parser gives up.
 
     CPython's header parser records most defects, but some hostile values make it raise
-    (ValueError, TypeError, AttributeError, IndexError turn up under fuzzing): such a field has
+    (ValueError, TypeError and AttributeError turned up under fuzzing): such a field has
     no readable address, which the keep policy refuses and the rewrite policy replaces.
     """
     try:
@@ -423,7 +423,7 @@ def _splice_angle_addr(field: Field, addr_spec: str, mailbox: str) -> Field | No
 def _phrase(name: str) -> str:
     """A display name as an RFC 5322 phrase: atoms, a quoted string, or RFC 2047 encoded-words."""
     printable = all(" " <= c <= "~" for c in name)
-    runs_fit = all(len(run) < 900 for run in name.split(" "))
+    runs_fit = all(len(run) <= _QUOTED_RUN for run in name.split(" "))
     if printable and runs_fit:
         if _ATEXT.fullmatch(name) and "=?" not in name:
             return name

@@ -450,6 +450,17 @@ MAILBOX = "noreply@contoso.com"
             id="latin1-name-bytes-kept",
         ),
         pytest.param(
+            b'From: "Ops \\"<night>\\"" (shift (a) \\) <x>) <x@example.com>\r\n',
+            b'From: "Ops \\"<night>\\"" (shift (a) \\) <x>) <noreply@contoso.com>\r\n'
+            b'Reply-To: "Ops \\"<night>\\"" (shift (a) \\) <x>) <x@example.com>\r\n',
+            id="angles-in-quotes-and-nested-comments",
+        ),
+        pytest.param(
+            b"From: Ops <x@example.com> <y@example.com>\r\n",
+            b"From: Ops <noreply@contoso.com>\r\nReply-To: Ops <x@example.com> <y@example.com>\r\n",
+            id="two-angle-addrs-rebuilt",
+        ),
+        pytest.param(
             b"From: app@example.com\r\n",
             b"From: noreply@contoso.com\r\nReply-To: app@example.com\r\n",
             id="bare-address",
