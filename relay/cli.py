@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="Graph port (default: the one after --https-port, or any free port if that is 0)",
     )
+
+    sub.add_parser(
+        "hash-password",
+        help="read a password (twice at a terminal, one line from a pipe) and print its hash "
+        "for relay.yaml users",
+    )
     return p
 
 
@@ -63,4 +69,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from relay.testing.run import run_emulator
 
         return await run_emulator(args)
+    if args.command == "hash-password":
+        from relay.passwords import run_hash_password
+
+        return await run_hash_password()
     raise AssertionError(args.command)
