@@ -1,0 +1,56 @@
+"""Test helpers that point relay's own parts at a running emulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relay.config import (
+    AccountConfig,
+    Cloud,
+    Credential,
+    CredentialKind,
+    Endpoints,
+    Secret,
+)
+from relay.testing.emulator import Emulator, SampleTenant
+
+
+def emulator_endpoints(emulator: Emulator) -> Endpoints:
+    return Endpoints(
+        authority=emulator.authority,
+        smtp_host=emulator.smtp_host,
+        smtp_port=emulator.smtp_port,
+        graph=f"https://{emulator.smtp_host}:{emulator.graph_port}/v1.0",
+    )
+
+
+def secret_account(
+    emulator: Emulator, sample: SampleTenant, *, secret: str | None = None, name: str = "contoso"
+) -> AccountConfig:
+    """The sample tenant's secret app, as relay.yaml would give it, trusting the emulator's CA."""
+    return AccountConfig(
+        name=name,
+        cloud=Cloud.GLOBAL,
+        tenant_id=sample.tenant_id,
+        client_id=sample.client_id,
+        credential=Credential(
+            kind=CredentialKind.SECRET, secret=Secret(secret or sample.client_secret)
+        ),
+        endpoints=emulator_endpoints(emulator),
+        ca_file=emulator.ca_file,
+    )
+
+
+def certificate_account(emulator: Emulator, sample: SampleTenant, tmp: Path) -> AccountConfig:
+    key, cert = tmp / "app.key", tmp / "app.pem"
+    key.write_bytes(sample.key_pem)
+    cert.write_bytes(sample.cert_pem)
+    return AccountConfig(
+        name="contoso-cert",
+        cloud=Cloud.GLOBAL,
+        tenant_id=sample.tenant_id,
+        client_id=sample.cert_client_id,
+        credential=Credential(kind=CredentialKind.CERTIFICATE, key_file=key, cert_file=cert),
+        endpoints=emulator_endpoints(emulator),
+        ca_file=emulator.ca_file,
+    )
