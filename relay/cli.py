@@ -17,6 +17,17 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    serve = sub.add_parser("serve", help="run the relay (SIGTERM or Ctrl-C stops it)")
+    serve.add_argument("--config", "-c", type=Path, default=Path("relay.yaml"))
+
+    demo = sub.add_parser("demo", help="show the whole path against the built-in emulator")
+    demo.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("demo-state"),
+        help="where the demo's spool, relay.yaml and CA go",
+    )
+
     check = sub.add_parser("check", help="validate relay.yaml and show what it resolves to")
     check.add_argument("--config", "-c", type=Path, default=Path("relay.yaml"))
     check.add_argument("--online", action="store_true", help="also get a token per account")
@@ -61,6 +72,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from relay.app import run_serve
+
+        return await run_serve(args)
+    if args.command == "demo":
+        from relay.demo import run_demo
+
+        return await run_demo(args)
     if args.command == "check":
         from relay.check import run_check
 

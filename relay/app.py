@@ -1,0 +1,221 @@
+"""`Relay(config)`: the runtime that `relay serve` starts, waits on and stops.
+
+Start order: spool (recovery) -> token providers -> transports -> scheduler -> listeners.
+Stop order is the reverse, each step within the grace period, one failure not skipping the rest:
+  1. listeners stop accepting (new connections get 421, sessions in DATA finish);
+  2. the scheduler stops claiming; deliveries in flight finish or are cancelled (their mail stays
+     queued);
+  3. transports close, then the spool (pending commits flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from enum import Enum
+
+from relay.config import Config, Transport, load
+from relay.errors import ConfigError, IntakeRefused, SpoolError, SpoolFull
+from relay.identity import MsalTokenProvider
+from relay.intake import Client
+from relay.listener import Listener
+from relay.logs import configure as configure_logging
+from relay.reply import Reply
+from relay.routing import Router
+from relay.scheduler import RouteRuntime, Scheduler
+from relay.spool import Envelope, Spool
+from relay.tls import client_context
+from relay.transports.smtp import SmtpTransport
+
+log = logging.getLogger("relay")
+
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+SPOOL_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message, try again later")
+
+
+class RelayIntake:
+    """The relay's answer to the listener: route with the router, store in the spool."""
+
+    def __init__(self, router: Router, spool: Spool) -> None:
+        self._router = router
+        self._spool = spool
+
+    def check_sender(self, client: Client, mail_from: str) -> Reply | None:
+        return self._router.at_mail(client.address, client.user, mail_from)
+
+    def check_recipient(self, client: Client, mail_from: str, rcpt: str) -> Reply | None:
+        got = self._router.at_rcpt(client.address, client.user, mail_from, rcpt)
+        return got if isinstance(got, Reply) else None
+
+    async def accept(
+        self, client: Client, mail_from: str, rcpt_tos: list[str], data: bytes, *, smtputf8: bool
+    ) -> str:
+        splits = self._router.at_data(client.address, client.user, mail_from, rcpt_tos, data)
+        if isinstance(splits, Reply):
+            raise IntakeRefused(splits)
+        items = [
+            (
+                Envelope(
+                    mail_from=s.mail_from,
+                    rcpt_tos=s.rcpt_tos,
+                    route=s.route.name,
+                    client=client.address,
+                    user=client.user,
+                    smtputf8=smtputf8,
+                ),
+                s.data,
+            )
+            for s in splits
+        ]
+        try:
+            qids = await self._spool.enqueue_many(items)
+        except SpoolFull:
+            log.error("spool full: refusing a message from %s", client.address)
+            raise IntakeRefused(SPOOL_FULL) from None
+        except SpoolError:
+            log.exception("spool write failed: refusing a message from %s", client.address)
+            raise IntakeRefused(SPOOL_FAILED) from None
+        for qid, (envelope, blob) in zip(qids, items, strict=True):
+            log.info(
+                "%s: received from=<%s> to=%s client=%s%s route=%s size=%d",
+                qid,
+                envelope.mail_from,
+                ",".join(envelope.rcpt_tos),
+                client.address,
+                f" user={client.user}" if client.user else "",
+                envelope.route,
+                len(blob),
+            )
+        return " ".join(qids)
+
+
+class State(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Relay:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state = State.NEW
+        self.spool: Spool | None = None
+        self.tokens: Mapping[str, MsalTokenProvider] = {}
+        self.routes: dict[str, RouteRuntime] = {}
+        self.scheduler: Scheduler | None = None
+        self.listeners: list[Listener] = []
+        self._steps: list[Callable[[float], Awaitable[None]]] | None = None  # left to stop
+
+    def __repr__(self) -> str:
+        return (
+            f"<Relay {self.state.value} listeners={len(self.listeners)} routes={len(self.routes)}>"
+        )
+
+    async def start(self) -> None:
+        if self.state is not State.NEW:
+            raise RuntimeError(f"Relay cannot start: it is {self.state.value}")
+        self.state = State.RUNNING
+        cfg = self.config
+        try:
+            self.spool = await Spool.open(cfg.spool.path)
+            self.tokens = {name: MsalTokenProvider(acc) for name, acc in cfg.accounts.items()}
+            for route in cfg.routes:
+                account = cfg.accounts[route.account]
+                if route.transport is not Transport.SMTP:
+                    raise NotImplementedError(f"route {route.name}: transport {route.transport}")
+                self.routes[route.name] = RouteRuntime(
+                    config=route,
+                    transport=SmtpTransport(
+                        host=account.endpoints.smtp_host,
+                        port=account.endpoints.smtp_port,
+                        mailbox=route.mailbox,
+                        tokens=self.tokens[route.account],
+                        tls_context=client_context(account.ca_file),
+                        connections=route.connections,
+                    ),
+                )
+            self.scheduler = Scheduler(spool=self.spool, routes=self.routes, policy=cfg.spool)
+            await self.scheduler.start()
+            intake = RelayIntake(Router(cfg.routes), self.spool)
+            for listen in cfg.listeners:
+                listener = Listener(listen, limits=cfg.limits, users=cfg.users, intake=intake)
+                await listener.start()
+                self.listeners.append(listener)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop in reverse order of start; one failing step does not skip the rest.
+
+        Safe to call again: a second call (e.g. after the first was cancelled by a forced stop)
+        runs whatever steps are left, with its own grace.
+        """
+        if self.state is State.NEW:
+            self.state = State.STOPPED
+        if self._steps is None:
+            self.state = State.STOPPED
+            steps: list[Callable[[float], Awaitable[None]]] = [lis.stop for lis in self.listeners]
+            if self.scheduler is not None:
+                steps.append(self.scheduler.stop)
+            steps += [_ignore_grace(rt.transport.aclose) for rt in self.routes.values()]
+            if self.spool is not None:
+                steps.append(_ignore_grace(self.spool.aclose))
+            self._steps = steps
+        while self._steps:
+            step = self._steps.pop(0)
+            try:
+                await step(grace)
+            except Exception:
+                log.exception("error while stopping; going on with the rest")
+        log.info("stopped")
+
+
+def _ignore_grace(close: Callable[[], Awaitable[None]]) -> Callable[[float], Awaitable[None]]:
+    async def step(grace: float) -> None:
+        await close()
+
+    return step
+
+
+STOP_GRACE = 30.0  # seconds deliveries and DATA sessions get to finish on SIGTERM
+
+
+async def run_serve(args: argparse.Namespace) -> int:
+    """`relay serve`: run until SIGTERM or SIGINT; a second SIGINT stops without waiting."""
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log)
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signum: int) -> None:  # only records; the main task acts
+        (force if stop.is_set() and signum == signal.SIGINT else stop).set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    relay = Relay(config)
+    try:
+        await relay.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    log.info("relay started (%s); SIGTERM or Ctrl-C stops it", config.source)
+    await stop.wait()
+    log.info("stopping: finishing deliveries and DATA sessions (up to %.0fs)", STOP_GRACE)
+    stopping = asyncio.create_task(relay.stop(STOP_GRACE))
+    forced = asyncio.create_task(force.wait())
+    await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+    if not stopping.done():
+        log.warning("second interrupt: stopping now")
+        stopping.cancel()
+        await relay.stop(0)
+    forced.cancel()
+    return 0
