@@ -315,6 +315,7 @@ class _SMTP(SMTP):
         self.event_handler: _Policy = handler
         self._listener = listener
         self.session_id = secrets.token_hex(5)
+        self.client: IPAddress  # set once connected
         self.failed_logins = 0
         self.in_data = False
 
@@ -335,11 +336,6 @@ class _SMTP(SMTP):
     # -- connection facts the policy asks for
 
     @property
-    def client(self) -> IPAddress:
-        assert self.session is not None
-        return client_ip(self.session.peer)
-
-    @property
     def tls(self) -> bool:
         return (
             self.transport is not None and self.transport.get_extra_info("ssl_object") is not None
@@ -355,6 +351,7 @@ class _SMTP(SMTP):
         first = self.transport is None  # STARTTLS calls this again with the TLS transport
         super().connection_made(transport)
         if first:
+            self.client = client_ip(transport.get_extra_info("peername"))
             assert self._handler_coroutine is not None
             self._listener._session_started(self, self._handler_coroutine)
             if self._listener.state is not ListenerState.SERVING:

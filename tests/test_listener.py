@@ -42,6 +42,7 @@ from relay.listener import (
     _Content,
     auth_delay,
     auth_offer,
+    client_ip,
     mail_policy,
 )
 from relay.passwords import hash_password
@@ -455,6 +456,38 @@ async def test_pipelined_commands_are_answered_in_order(serve: Serve) -> None:
         "250 2.1.5 Ok",
     ]
     assert intake.accepted[0].rcpt_tos == ["b@example.org", "c@example.org"]
+
+
+async def test_a_helo_client_sends_without_extensions(serve: Serve) -> None:
+    intake = RecordingIntake()
+    listener = await serve(intake)
+    wire, _ = await Wire.open(listener.port)
+    assert await wire.cmd("HELO printer") == f"250 {HOSTNAME}"
+    assert await wire.cmd("MAIL FROM:<scan@contoso.com> SIZE=10") == (
+        "501 5.5.4 Syntax: MAIL FROM: <address>"
+    )
+    assert await wire.transaction(MESSAGE + b".\r\n", sender="scan@contoso.com") == (
+        "250 2.0.0 Ok: queued as Q1"
+    )
+    assert intake.accepted[0].client.helo == "printer"
+
+
+async def test_an_ipv6_loopback_listener(serve: Serve) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    intake = RecordingIntake()
+    listener = await serve(intake, host="::1")
+    wire, reply = await ehlo(listener.port, "::1")
+    assert reply.endswith("250 AUTH PLAIN LOGIN")
+    assert await wire.transaction(MESSAGE + b".\r\n") == "250 2.0.0 Ok: queued as Q1"
+    assert intake.accepted[0].client.address == "::1"
+    assert intake.accepted[0].client.listener == "[::1]:0"
+
+
+def test_an_ipv4_mapped_client_is_an_ipv4_client() -> None:
+    assert str(client_ip(("::ffff:127.0.0.1", 2525, 0, 0))) == "127.0.0.1"
+    assert client_ip(("::ffff:127.0.0.1", 2525, 0, 0)).is_loopback
+    assert str(client_ip(("2001:db8::1", 2525, 0, 0))) == "2001:db8::1"
 
 
 async def test_aiosmtplib_client(serve: Serve) -> None:
