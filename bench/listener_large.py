@@ -11,6 +11,17 @@ with an intake that only counts. Then, from this process:
 Prints per mode: small-message latency p50 / p99 / max and count, and the big messages' MB/s.
 
     .venv/bin/python bench/listener_large.py [--mode relay|stock|both] [--big-mb 35] [--seconds 6]
+
+Recorded (2 vCPU VM, Python 3.11.7, aiosmtpd 1.4.6, load average 2-3 from other work;
+`--seconds 8`, big messages sent back to back):
+
+    small-message latency      baseline        with 1 x 35 MB         with 2 x 35 MB
+    relay Listener             p50 0.3 ms      p50 1.6 / p99 6.6 /    p50 2.5 / p99 7.2 /
+                                               max 31 ms, 233 MB/s    max 21 ms, 132 MB/s each
+    stock aiosmtpd             p50 0.3 ms      p50 8.6 / p99 85 /     p50 17 / p99 96 /
+                                               max 92 ms, 53 MB/s     max 167 ms, 27 MB/s each
+
+Small messages done while one big one uploads: relay 5,622 in 8 s, stock 828.
 """
 
 from __future__ import annotations
