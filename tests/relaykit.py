@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from relay.config import (
     AccountConfig,
     Cloud,
+    Config,
     Credential,
     CredentialKind,
     Endpoints,
+    ListenerConfig,
+    Rate,
+    RouteConfig,
     Secret,
+    SpoolConfig,
 )
 from relay.testing.emulator import Emulator, SampleTenant
 
@@ -53,4 +59,32 @@ def certificate_account(emulator: Emulator, sample: SampleTenant, tmp: Path) -> 
         credential=Credential(kind=CredentialKind.CERTIFICATE, key_file=key, cert_file=cert),
         endpoints=emulator_endpoints(emulator),
         ca_file=emulator.ca_file,
+    )
+
+
+def relay_config(
+    emulator: Emulator,
+    sample: SampleTenant,
+    spool: Path,
+    *,
+    account: AccountConfig | None = None,
+    retry: tuple[float, ...] = (0.2, 0.5),
+    max_age: float = 3600.0,
+    rate: Rate | None = None,
+    **route: Any,
+) -> Config:
+    """One loopback listener (port 0), the sample account, one catch-all route to relay@."""
+    return Config(
+        listeners=(ListenerConfig(host="127.0.0.1", port=0),),
+        accounts={"contoso": account or secret_account(emulator, sample)},
+        routes=(
+            RouteConfig(
+                name="default",
+                account="contoso",
+                mailbox=sample.mailbox,
+                rate=rate or Rate(count=1000, per=1.0),
+                **route,
+            ),
+        ),
+        spool=SpoolConfig(path=spool, retry=retry, max_age=max_age),
     )
