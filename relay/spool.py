@@ -63,7 +63,10 @@ part of a path.
 Failures: no space or quota (ENOSPC, EDQUOT) raises `SpoolFull`, any other I/O problem or an
 unreadable message `SpoolError`. A failed journal write is cut off again (ftruncate + fdatasync)
 before the next batch, so its messages are never delivered. A failed materialisation is retried
-with backoff while the journal keeps the messages. Blocking file I/O runs in worker threads.
+with backoff while the journal keeps the messages; enqueue waits while more than `max_backlog`
+bytes are journaled but not materialised, and raises the materialisation's error instead while
+that keeps failing. Blocking file I/O runs in worker threads; `Disk` is the seam for the calls
+that write (tests pass one that fails).
 """
 
 from __future__ import annotations
@@ -218,8 +221,11 @@ def _io(doing: str) -> Iterator[None]:
 # Frames ------------------------------------------------------------------------------------
 
 
-def _encode(kind: bytes, header: Mapping[str, Any], data: bytes = b"") -> bytes:
-    head = json.dumps(header, separators=(",", ":")).encode()
+def _json(header: Mapping[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def _frame(kind: bytes, head: bytes, data: bytes = b"") -> bytes:
     prefix = _PREFIX.pack(_MAGIC, kind, len(head), len(data), zlib.crc32(data))
     return b"".join((prefix, _HCRC.pack(zlib.crc32(head, zlib.crc32(prefix))), head, data))
 
@@ -451,7 +457,7 @@ class _Files:
 
     def append_record(self, state: State, entry: QueueEntry) -> None:
         """Append `entry`'s record to its file and sync it, first cutting off a torn tail."""
-        frame = _encode(_RECORD, _record_json(entry))
+        frame = _frame(_RECORD, _json(_record_json(entry)))
         with _io(f"updating {state.value}/{entry.qid}"):
             _, end, size = self.load(state, entry.qid)
             fd = self.disk.open(self.path(state, entry.qid), os.O_WRONLY)
@@ -516,13 +522,14 @@ class _Files:
         """Entries for `wanted`, skipping any that moved meanwhile or cannot be read."""
         entries = []
         for qid, state in wanted:
-            with contextlib.suppress(FileNotFoundError):
-                try:
-                    entries.append(self.load(state, qid)[0])
-                except _Unreadable as exc:
-                    log.warning("spool: %s (left for the next start to set aside)", exc)
-                except OSError as exc:
-                    log.warning("spool: cannot read %s/%s: %s", state.value, qid, exc.strerror)
+            try:
+                entries.append(self.load(state, qid)[0])
+            except FileNotFoundError:
+                continue
+            except _Unreadable as exc:
+                log.warning("spool: %s (left for the next start to set aside)", exc)
+            except OSError as exc:
+                log.warning("spool: cannot read %s/%s: %s", state.value, qid, exc.strerror)
         return entries
 
     # Recovery ------------------------------------------------------------------------------
@@ -574,7 +581,7 @@ class _Files:
 
     def _replay(self, segments: Sequence[int], existing: set[str]) -> None:
         checkpointed: set[str] = set()
-        todo: list[tuple[int, _Frame]] = []
+        todo: dict[int, list[_Frame]] = {}
         for seq in segments:
             with self.segment(seq).open("rb") as f:
                 frames, end = _scan(f, check_data=True)
@@ -590,20 +597,23 @@ class _Files:
                 if frame.kind == _CHECKPOINT:
                     checkpointed.update(str(q) for q in frame.header.get("ids", ()))
                 elif frame.kind == _MESSAGE:
-                    todo.append((seq, frame))
+                    todo.setdefault(seq, []).append(frame)
         replayed = 0
-        for seq, frame in todo:
-            qid = frame.header.get("id")
-            if not isinstance(qid, str) or not _QID.fullmatch(qid):
-                continue
-            if qid in checkpointed or qid in existing:
-                continue
+        for seq, frames in todo.items():  # one segment's worth in memory at a time
+            copies = []
             with self.segment(seq).open("rb") as f:
-                f.seek(frame.start)
-                raw = f.read(frame.end - frame.start)
-            self.materialise([(qid, raw)])
-            existing.add(qid)
-            replayed += 1
+                for frame in frames:
+                    qid = frame.header.get("id")
+                    if not isinstance(qid, str) or not _QID.fullmatch(qid):
+                        continue
+                    if qid in checkpointed or qid in existing:
+                        continue
+                    f.seek(frame.start)
+                    copies.append((qid, f.read(frame.end - frame.start)))
+                    existing.add(qid)
+            if copies:
+                self.materialise(copies)
+                replayed += len(copies)
         if replayed:
             log.info("spool: recovered %d messages from the intake journal", replayed)
 
@@ -654,7 +664,7 @@ class _Journal:
     def checkpoint(self, ids: Sequence[str]) -> None:
         """Record durably that `ids` have their own files; drop segments no longer needed."""
         with self._lock:
-            self._write(_encode(_CHECKPOINT, {"ids": list(ids)}))
+            self._write(_frame(_CHECKPOINT, _json({"ids": list(ids)})))
             for qid in ids:
                 self._open[self._where.pop(qid)] -= 1
             self._drop(keep_current=True)
@@ -735,6 +745,7 @@ class _Life(Enum):
 class _Intake:
     qid: str
     envelope: Envelope
+    head: bytes  # the JSON header of its M frame
     size: int
     data: bytes
     future: asyncio.Future[None]
@@ -853,10 +864,11 @@ class Spool:
         if self._trouble is not None and self._backlog > self._max_backlog:
             raise type(self._trouble)(str(self._trouble))
         loop = asyncio.get_running_loop()
-        items = [
-            _Intake(self._next_id(), envelope, len(data), data, loop.create_future())
-            for envelope, data in messages
-        ]
+        items = []
+        for envelope, data in messages:
+            qid = self._next_id()
+            head = _json(_message_header(qid, envelope))  # a bad envelope fails here, alone
+            items.append(_Intake(qid, envelope, head, len(data), data, loop.create_future()))
         for item in items:  # no await in between: the committer takes them in one batch
             self._pending.append(item)
             self._intake[item.qid] = item
@@ -903,14 +915,11 @@ class Spool:
             if batch:
                 try:
                     await asyncio.to_thread(self._commit, journal, batch)
-                except Exception as exc:
-                    error = exc if isinstance(exc, SpoolError) else SpoolError(str(exc))
-                    if error is not exc:
-                        log.exception("spool: journal commit failed")
+                except SpoolError as exc:
                     for item in batch:
                         self._forget(item)
                         if not item.future.done():
-                            item.future.set_exception(error)
+                            item.future.set_exception(exc)
                 else:
                     for item in batch:
                         if not item.future.done():
@@ -922,7 +931,7 @@ class Spool:
     @staticmethod
     def _commit(journal: _Journal, batch: Sequence[_Intake]) -> None:
         for item in batch:
-            item.frame = _encode(_MESSAGE, _message_header(item.qid, item.envelope), item.data)
+            item.frame = _frame(_MESSAGE, item.head, item.data)
             item.data = b""
         journal.append([i.frame for i in batch], [i.qid for i in batch])
 
@@ -946,14 +955,14 @@ class Spool:
             try:
                 await asyncio.to_thread(self._materialise_job, journal, keep, batch)
                 break
-            except Exception as exc:
+            except SpoolError as exc:
                 log.error(
                     "spool: cannot move %d journaled messages to queue/ (%s); retrying; "
                     "they are safe in the journal",
                     len(keep),
                     exc,
                 )
-                self._trouble = exc if isinstance(exc, SpoolError) else SpoolError(str(exc))
+                self._trouble = exc
                 self._update_room()
                 if self._life is not _Life.OPEN:
                     return False

@@ -315,10 +315,26 @@ async def test_segments_rotate_and_are_deleted_once_checkpointed(path: Path) -> 
         assert len(spool.ready()) == 20
 
 
+async def test_a_failing_ready_callback_does_not_stop_the_others(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(entry: QueueEntry) -> None:
+        raise RuntimeError("scheduler bug")
+
+    spool.on_ready(broken)
+    ready = Ready(spool)
+    qid = await spool.enqueue(ENVELOPE, b"m")
+    [entry] = await ready.wait(1)
+    assert entry.qid == qid
+    assert f"spool: on_ready callback failed for {qid}" in caplog.text
+
+
 async def test_misuse_is_refused(spool: Spool) -> None:
     ready = Ready(spool)
     with pytest.raises(ValueError, match="at least one recipient"):
         await spool.enqueue(Envelope("a@x", (), "r", "127.0.0.1"), b"m")
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        await spool.enqueue(Envelope("a@x", ("b@y",), "r", object()), b"m")  # type: ignore[arg-type]
     qid = await spool.enqueue(ENVELOPE, b"m")
     await ready.wait(1)
     with pytest.raises(SpoolError, match=f"message {qid} is not claimed \\(it is in queue/\\)"):
@@ -636,16 +652,21 @@ async def test_journal_sync_failure_refuses_the_batch(path: Path) -> None:
         assert [e.qid for e in spool.ready()] == [kept]
 
 
-async def test_journal_that_cannot_be_cut_is_left_behind(path: Path) -> None:
-    """If even the undo of a failed write fails, the segment is abandoned for a new one."""
+async def test_journal_that_cannot_be_cut_is_left_behind(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If even the sync after cutting a failed write fails, the segment is abandoned and the
+    next batch goes into a new one."""
     disk = FaultyDisk()
-    disk.fail_sync = lambda p: errno.EIO if is_journal(p) else None
+    disk.fail_sync = lambda p: errno.EIO if p.name == "000000000001.journal" else None
     async with await Spool.open(path, disk=disk, rescan_interval=None) as spool:
-        with pytest.raises(SpoolError):
+        with pytest.raises(SpoolError, match="writing the intake journal: Input/output error"):
             await spool.enqueue(ENVELOPE, b"refused")
-        disk.fail_sync = lambda p: None
+        assert "cannot cut a failed write from journal segment 1 (Input/output error)" in (
+            caplog.text
+        )
         kept = await spool.enqueue(ENVELOPE, b"kept")
-        assert len(files(path, "incoming")) == 2
+    assert files(path, "incoming") == []  # both segments deleted once all was checkpointed
     assert files(path, "queue") == [kept]
 
 
