@@ -18,17 +18,19 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 
-from relay.config import Config, Transport, load
+from relay.config import Config, RouteConfig, Transport, load
 from relay.errors import ConfigError, IntakeRefused, SpoolError, SpoolFull
-from relay.identity import MsalTokenProvider
+from relay.identity import MsalTokenProvider, TokenProvider
 from relay.intake import Client
 from relay.listener import Listener
 from relay.logs import configure as configure_logging
 from relay.reply import Reply
 from relay.routing import Router
-from relay.scheduler import RouteRuntime, Scheduler
+from relay.scheduler import Pacer, RouteRuntime, Scheduler
 from relay.spool import Envelope, Spool
 from relay.tls import client_context
+from relay.transports import Transport as TransportType
+from relay.transports.graph import GraphTransport
 from relay.transports.smtp import SmtpTransport
 
 log = logging.getLogger("relay")
@@ -93,6 +95,48 @@ class RelayIntake:
         return " ".join(qids)
 
 
+def build_routes(config: Config, tokens: Mapping[str, TokenProvider]) -> dict[str, RouteRuntime]:
+    """One runtime per route; routes sending as the same mailbox share its transport and pacer.
+
+    Exchange's limits are per mailbox (3 connections, 30 messages a minute, 4 concurrent Graph
+    requests), so two routes through one mailbox must not each get a full set. The shared pacer
+    takes the strictest rate of those routes, the transport the largest `connections`.
+    """
+    groups: dict[tuple[object, ...], list[RouteConfig]] = {}
+    for route in config.routes:
+        key: tuple[object, ...] = (route.account, route.mailbox.lower(), route.transport)
+        if route.transport is Transport.GRAPH:
+            key += (route.save_to_sent_items,)
+        groups.setdefault(key, []).append(route)
+    runtimes: dict[str, RouteRuntime] = {}
+    for routes in groups.values():
+        first = routes[0]
+        account = config.accounts[first.account]
+        tls = client_context(account.ca_file)
+        transport: TransportType
+        if first.transport is Transport.GRAPH:
+            transport = GraphTransport(
+                mailbox=first.mailbox,
+                graph_url=account.endpoints.graph,
+                tokens=tokens[first.account],
+                ssl_context=tls,
+                save_to_sent_items=first.save_to_sent_items,
+            )
+        else:
+            transport = SmtpTransport(
+                host=account.endpoints.smtp_host,
+                port=account.endpoints.smtp_port,
+                mailbox=first.mailbox,
+                tokens=tokens[first.account],
+                tls_context=tls,
+                connections=max(r.connections for r in routes),
+            )
+        pacer = Pacer(max(r.rate.interval for r in routes))  # the strictest rate
+        for route in routes:
+            runtimes[route.name] = RouteRuntime(config=route, transport=transport, pacer=pacer)
+    return runtimes
+
+
 class State(Enum):
     NEW = "new"
     RUNNING = "running"
@@ -123,21 +167,7 @@ class Relay:
         try:
             self.spool = await Spool.open(cfg.spool.path)
             self.tokens = {name: MsalTokenProvider(acc) for name, acc in cfg.accounts.items()}
-            for route in cfg.routes:
-                account = cfg.accounts[route.account]
-                if route.transport is not Transport.SMTP:
-                    raise NotImplementedError(f"route {route.name}: transport {route.transport}")
-                self.routes[route.name] = RouteRuntime(
-                    config=route,
-                    transport=SmtpTransport(
-                        host=account.endpoints.smtp_host,
-                        port=account.endpoints.smtp_port,
-                        mailbox=route.mailbox,
-                        tokens=self.tokens[route.account],
-                        tls_context=client_context(account.ca_file),
-                        connections=route.connections,
-                    ),
-                )
+            self.routes = build_routes(cfg, self.tokens)
             self.scheduler = Scheduler(spool=self.spool, routes=self.routes, policy=cfg.spool)
             await self.scheduler.start()
             intake = RelayIntake(Router(cfg.routes), self.spool)
@@ -162,7 +192,8 @@ class Relay:
             steps: list[Callable[[float], Awaitable[None]]] = [lis.stop for lis in self.listeners]
             if self.scheduler is not None:
                 steps.append(self.scheduler.stop)
-            steps += [_ignore_grace(rt.transport.aclose) for rt in self.routes.values()]
+            transports = {id(rt.transport): rt.transport for rt in self.routes.values()}
+            steps += [_ignore_grace(t.aclose) for t in transports.values()]
             if self.spool is not None:
                 steps.append(_ignore_grace(self.spool.aclose))
             self._steps = steps

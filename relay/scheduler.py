@@ -68,6 +68,7 @@ class RouteRuntime:
 
     config: RouteConfig
     transport: Transport
+    pacer: Pacer  # shared by the routes that send as one mailbox
 
 
 class _RouteQueue:
@@ -78,7 +79,7 @@ class _RouteQueue:
         self.new: deque[str] = deque()
         self.deferred: list[tuple[float, str]] = []  # wall-clock due time, qid
         self.changed = asyncio.Event()
-        self.pacer = Pacer(runtime.config.rate.interval)
+        self.pacer = runtime.pacer
         self.paused_until = 0.0
         self.backoff = 0.0
         self.prefer_deferred = False

@@ -26,7 +26,7 @@ def emulator_endpoints(emulator: Emulator) -> Endpoints:
         authority=emulator.authority,
         smtp_host=emulator.smtp_host,
         smtp_port=emulator.smtp_port,
-        graph=f"https://{emulator.smtp_host}:{emulator.graph_port}/v1.0",
+        graph=emulator.graph_url,
     )
 
 

@@ -707,7 +707,9 @@ async def test_emulator_lifecycle(sample: SampleTenant, tmp_path: Path) -> None:
         assert emulator.endpoints == {
             "authority": emulator.authority,
             "smtp": f"127.0.0.1:{emulator.smtp_port}",
+            "graph": f"https://127.0.0.1:{emulator.graph_port}/v1.0",
         }
+        assert emulator.graph_port not in (emulator.smtp_port, 0)
         assert repr(emulator) == (
             f"<Emulator running authority={emulator.authority} smtp=127.0.0.1:{emulator.smtp_port}>"
         )

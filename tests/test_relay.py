@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 from relaykit import relay_config, secret_account
 
-from relay.app import Relay
-from relay.config import Config
+from relay.app import Relay, build_routes
+from relay.config import Config, Rate, RouteMatch
+from relay.config import Transport as RouteTransport
+from relay.identity import MsalTokenProvider
 from relay.spool import QueueAdmin, State
 from relay.testing import exchange_replies as ex
 from relay.testing.emulator import Emulator, SampleTenant
@@ -233,3 +235,36 @@ async def test_many_messages_never_exceed_three_connections(
     assert all(login.succeeded for login in emulator.smtp.logins)  # no 432 4.3.2
     assert len(emulator.smtp.logins) <= 3
     assert sorted(m.data for m in emulator.smtp.messages) == sorted(mail(n) for n in range(60))
+
+
+async def test_graph_route_sends_with_sendmail(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path, start
+) -> None:
+    """A route with `transport: graph` delivers through Graph sendMail, MIME kept."""
+    relay = await start(
+        relay_config(emulator, sample, tmp_path / "spool", transport=RouteTransport.GRAPH)
+    )
+    await asyncio.to_thread(send, relay.listeners[0].port, mail(10))
+    await wait_until(lambda: bool(emulator.graph.sent))
+    (sent,) = emulator.graph.sent
+    assert sent.mailbox == sample.mailbox
+    parsed = sent.parsed()
+    assert parsed["Subject"] == "scenario 10" and parsed["Message-ID"] == "<s10@app.example>"
+    assert not emulator.smtp.messages
+
+
+def test_routes_through_one_mailbox_share_its_limits(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path
+) -> None:
+    """Exchange counts connections and rate per mailbox: two routes, one transport and pacer,
+    at the strictest rate."""
+    base = relay_config(emulator, sample, tmp_path / "spool")
+    (route,) = base.routes
+    other = replace(route, name="alerts", rate=Rate(count=10, per=60.0), connections=2)
+    config = replace(base, routes=(replace(route, match=RouteMatch(senders=("a@*",))), other))
+    tokens = {"contoso": MsalTokenProvider(config.accounts["contoso"])}
+    runtimes = build_routes(config, tokens)
+    assert runtimes["default"].transport is runtimes["alerts"].transport
+    assert runtimes["default"].pacer is runtimes["alerts"].pacer
+    assert runtimes["default"].pacer.interval == 6.0
+    assert "busy=0/3" in repr(runtimes["alerts"].transport)

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from relay.testing.directory import Directory
+from relay.testing.graph import GraphService
 from relay.testing.identity import IdentityPlatform
 from relay.testing.pki import EmulatorPKI
 from relay.testing.smtp import SmtpSubmission
@@ -183,7 +184,7 @@ class Emulator:
         self.directory = directory if directory is not None else Directory()
         self.state_dir = state_dir
         self.host = host
-        self.graph_port = graph_port  # Graph is wired in by relay.testing.graph
+        self._graph_port = graph_port  # 0: any free port
         self._smtp_port = smtp_port
         self._identity_port = identity_port  # 0: any free port
         self._url_host = "127.0.0.1" if host in _WILDCARD_HOSTS else host
@@ -198,6 +199,8 @@ class Emulator:
         self.smtp = SmtpSubmission(
             self.directory, self.issuer, tls_context=self.pki.server_context()
         )
+        self.graph = GraphService(self.directory, self.issuer)
+        self._graph_server = HttpsServer(self.graph.app, ssl_context=self.pki.server_context())
         self.ca_file = state_dir / "ca.pem"
         self.state = EmulatorState.NEW
         self._stack = AsyncExitStack()
@@ -214,6 +217,8 @@ class Emulator:
             stack.push_async_callback(self._identity_server.aclose)
             await self.smtp.start(self.host, self._smtp_port)
             stack.push_async_callback(self.smtp.aclose)
+            await self._graph_server.start(self.host, self._graph_port)
+            stack.push_async_callback(self._graph_server.aclose)
             self._stack = stack.pop_all()
         self.state = EmulatorState.RUNNING
 
@@ -268,7 +273,18 @@ class Emulator:
         return {
             "authority": self.authority,
             "smtp": _url_netloc(self.smtp_host, self.smtp_port),
+            "graph": self.graph_url,
         }
+
+    @property
+    def graph_port(self) -> int:
+        self._require_running()
+        return self._graph_server.port
+
+    @property
+    def graph_url(self) -> str:
+        """Graph's v1.0 base URL (where `https://graph.microsoft.com/v1.0` is for real)."""
+        return f"https://{_url_netloc(self._url_host, self.graph_port)}/v1.0"
 
     def _require_running(self) -> None:
         if self.state is not EmulatorState.RUNNING:
