@@ -76,8 +76,9 @@ class _RouteQueue:
 
     def __init__(self, runtime: RouteRuntime) -> None:
         self.runtime = runtime
-        self.new: deque[str] = deque()
-        self.deferred: list[tuple[float, str]] = []  # wall-clock due time, qid
+        self.new: deque[tuple[float, str]] = deque()  # due now when added: (due, qid)
+        self.deferred: list[tuple[float, str]] = []  # heap of (wall-clock due time, qid)
+        self.due: dict[str, float] = {}  # the one live due time per queued qid
         self.changed = asyncio.Event()
         self.pacer = runtime.pacer
         self.paused_until = 0.0
@@ -87,31 +88,46 @@ class _RouteQueue:
 
     def __repr__(self) -> str:
         return (
-            f"<route {self.runtime.config.name} new={len(self.new)} deferred={len(self.deferred)} "
+            f"<route {self.runtime.config.name} queued={len(self.due)} "
             f"in_flight={self.in_flight} paused={max(0.0, self.paused_until - time.time()):.0f}s>"
         )
 
     def add(self, qid: str, due: float) -> None:
+        """Queue `qid` for `due`; a later notice for the same qid replaces an earlier one."""
+        if self.due.get(qid) == due:
+            return  # the spool told us again (a rescan): nothing new
+        self.due[qid] = due
         if due <= time.time():
-            self.new.append(qid)
+            self.new.append((due, qid))
         else:
             heapq.heappush(self.deferred, (due, qid))
         self.changed.set()
 
     def take(self, now: float) -> str | float | None:
         """A qid to deliver now, or how long to wait (None: nothing queued at all)."""
+        self._drop_stale()
         if now < self.paused_until:
             return self.paused_until - now
         due_deferred = bool(self.deferred) and self.deferred[0][0] <= now
         if self.new and (not due_deferred or not self.prefer_deferred):
             self.prefer_deferred = True
-            return self.new.popleft()
-        if due_deferred:
+            qid = self.new.popleft()[1]
+        elif due_deferred:
             self.prefer_deferred = False
-            return heapq.heappop(self.deferred)[1]
-        if self.deferred:
+            qid = heapq.heappop(self.deferred)[1]
+        elif self.deferred:
             return self.deferred[0][0] - now
-        return None
+        else:
+            return None
+        del self.due[qid]
+        return qid
+
+    def _drop_stale(self) -> None:
+        """Forget superseded notices at the heads of both queues."""
+        while self.new and self.due.get(self.new[0][1]) != self.new[0][0]:
+            self.new.popleft()
+        while self.deferred and self.due.get(self.deferred[0][1]) != self.deferred[0][0]:
+            heapq.heappop(self.deferred)
 
     def trouble(self, retry_first: float) -> None:
         self.backoff = min(max(ROUTE_BACKOFF_START, self.backoff * 2), retry_first)

@@ -85,10 +85,11 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from relay.errors import SpoolError, SpoolFull
 
@@ -98,6 +99,9 @@ MiB = 1024 * 1024
 SEGMENT_BYTES = 4 * MiB  # start a new journal segment after this many bytes
 MAX_BACKLOG = 64 * MiB  # enqueue waits while this much is journaled but not yet materialised
 RESCAN_INTERVAL = 5.0  # seconds between looks for operators' changes
+IO_THREADS = 4  # the spool's own threads for file work (commits, materialising, claims)
+
+T = TypeVar("T")
 
 _QID = re.compile(r"[0-9A-F]{22}")
 _SEGMENT = re.compile(r"([0-9]{12})\.journal")
@@ -794,6 +798,9 @@ class Spool:
         self._rescanning = asyncio.Lock()
         self._callbacks: list[ReadyCallback] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Our own threads for disk work: a busy default executor (MSAL calls, an embedding
+        # application's blocking code) must never hold up the 250s.
+        self._executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="spool")
 
     @classmethod
     async def open(
@@ -816,7 +823,7 @@ class Spool:
             rescan_interval=rescan_interval,
             max_backlog=max_backlog,
         )
-        await asyncio.to_thread(spool._recover)
+        await spool._offload(spool._recover)
         spool._tasks = [
             asyncio.create_task(spool._commit_loop(), name="spool-commit"),
             asyncio.create_task(spool._materialise_loop(), name="spool-materialise"),
@@ -914,7 +921,7 @@ class Spool:
             self._pending.clear()
             if batch:
                 try:
-                    await asyncio.to_thread(self._commit, journal, batch)
+                    await self._offload(self._commit, journal, batch)
                 except SpoolError as exc:
                     for item in batch:
                         self._forget(item)
@@ -953,7 +960,7 @@ class Spool:
         delay = 0.1
         while True:
             try:
-                await asyncio.to_thread(self._materialise_job, journal, keep, batch)
+                await self._offload(self._materialise_job, journal, keep, batch)
                 break
             except SpoolError as exc:
                 log.error(
@@ -1012,7 +1019,7 @@ class Spool:
         sources = (first, *(s for s in _CLAIMABLE if s is not first))
         async with self._transition(qid):
             try:
-                entry = await asyncio.to_thread(self._claim_job, qid, sources)
+                entry = await self._offload(self._claim_job, qid, sources)
             except _Unreadable:
                 self._index.pop(qid, None)
                 self._corrupt += 1
@@ -1039,7 +1046,7 @@ class Spool:
         """The message's bytes, checked against their checksum (else it goes to corrupt/)."""
         entry = self._known(qid)
         try:
-            return await asyncio.to_thread(self._files.read, entry.state, qid)
+            return await self._offload(self._files.read, entry.state, qid)
         except _Unreadable:
             self._index.pop(qid, None)
             self._touch(qid)
@@ -1056,9 +1063,9 @@ class Spool:
         done = all(r.outcome is Outcome.DELIVERED for r in entry.recipients)
         async with self._transition(qid):
             if done:
-                await asyncio.to_thread(self._files.remove, State.ACTIVE, qid)
+                await self._offload(self._files.remove, State.ACTIVE, qid)
             else:
-                await asyncio.to_thread(self._files.append_record, State.ACTIVE, entry)
+                await self._offload(self._files.append_record, State.ACTIVE, entry)
         if done:
             self._index.pop(qid, None)
             return None
@@ -1100,7 +1107,7 @@ class Spool:
 
     async def _store(self, entry: QueueEntry) -> QueueEntry:
         async with self._transition(entry.qid):
-            await asyncio.to_thread(self._store_job, entry)
+            await self._offload(self._store_job, entry)
         self._index[entry.qid] = entry
         return entry
 
@@ -1115,7 +1122,7 @@ class Spool:
         self._require_open()
         async with self._rescanning:
             start = self._tick
-            found, self._corrupt = await asyncio.to_thread(self._files.listing)
+            found, self._corrupt = await self._offload(self._files.listing)
 
             def settled(qid: str) -> bool:
                 return (
@@ -1132,7 +1139,7 @@ class Spool:
                 for qid, state in found.items()
                 if settled(qid) and (qid not in self._index or self._index[qid].state is not state)
             ]
-            for entry in await asyncio.to_thread(self._files.load_all, changed):
+            for entry in await self._offload(self._files.load_all, changed):
                 if settled(entry.qid):
                     self._index[entry.qid] = entry
                     if entry.state in _CLAIMABLE:
@@ -1172,11 +1179,16 @@ class Spool:
         await asyncio.gather(materialise, *rest)
         journal = self._require_journal()
         try:
-            await asyncio.to_thread(journal.close)
+            await self._offload(journal.close)
         finally:
             os.close(self._lock_fd)
+            self._executor.shutdown(wait=False)
             self._life = _Life.CLOSED
             self._closed.set()
+
+    def _offload(self, job: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run blocking file work on the spool's own threads."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, job, *args)
 
     def _recover(self) -> None:
         self._files.make_dirs()

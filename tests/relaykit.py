@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +91,16 @@ def relay_config(
         ),
         spool=SpoolConfig(path=spool, retry=retry, max_age=max_age),
     )
+
+
+async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], limit: float = 10.0) -> None:
+    """Poll state that has no event to wait on (files, log records, another process), within
+    `limit` seconds."""
+    async with asyncio.timeout(limit):
+        while True:
+            got = predicate()
+            if inspect.isawaitable(got):
+                got = await got
+            if got:
+                return
+            await asyncio.sleep(0.02)

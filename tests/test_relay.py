@@ -16,7 +16,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
-from relaykit import relay_config, secret_account
+from relaykit import relay_config, secret_account, wait_until
 
 from relay.app import Relay, build_routes
 from relay.config import Config, Rate, RouteMatch
@@ -66,13 +66,6 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[[Config], asyncio.Futu
     yield starter  # type: ignore[misc]
     for relay in relays:
         await relay.stop(grace=2)
-
-
-async def wait_until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
-    """Poll state that has no event to wait on (the spool, log records), within `limit`."""
-    async with asyncio.timeout(limit):
-        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
-            await asyncio.sleep(0.02)
 
 
 async def spool_states(path: Path) -> dict[State, list]:
