@@ -2,10 +2,10 @@
 
 Start order: spool (recovery) -> token providers -> transports -> scheduler -> listeners.
 Stop order is the reverse, each step within the grace period, one failure not skipping the rest:
-  1. listeners stop accepting (new connections get 421, sessions in DATA finish);
+  1. listeners drain: new connections get 421, idle sessions end, sessions in DATA finish;
   2. the scheduler stops claiming; deliveries in flight finish or are cancelled (their mail stays
-     queued);
-  3. transports close, then the spool (pending commits flushed).
+     queued); meanwhile the listeners go on answering 421;
+  3. listeners close, transports close, then the spool (pending commits flushed).
 """
 
 from __future__ import annotations
@@ -189,9 +189,11 @@ class Relay:
             self.state = State.STOPPED
         if self._steps is None:
             self.state = State.STOPPED
-            steps: list[Callable[[float], Awaitable[None]]] = [lis.stop for lis in self.listeners]
+            # Listeners keep answering 421 until the scheduler has finished its deliveries.
+            steps: list[Callable[[float], Awaitable[None]]] = [lis.drain for lis in self.listeners]
             if self.scheduler is not None:
                 steps.append(self.scheduler.stop)
+            steps += [_ignore_grace(lis.close) for lis in self.listeners]
             transports = {id(rt.transport): rt.transport for rt in self.routes.values()}
             steps += [_ignore_grace(t.aclose) for t in transports.values()]
             if self.spool is not None:

@@ -776,6 +776,24 @@ class Listener:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let sessions in DATA finish within `grace` seconds, close the rest."""
+        await self.drain(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the listening socket (after `drain`, which answers newcomers 421 meanwhile)."""
+        if self.state is ListenerState.STOPPED:
+            return
+        await self.drain(0)
+        self.state = ListenerState.STOPPED
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        log.info("listener %s stopped", self.config.address)
+
+    async def drain(self, grace: float) -> None:
+        """Answer new connections `421 4.3.2`, end idle sessions, let sessions in DATA finish
+        within `grace` seconds and cut the rest. The socket stays open until `close`, so
+        clients hear why rather than find the port closed while the relay finishes its work."""
         if self.state in (ListenerState.STOPPING, ListenerState.STOPPED):
             return
         if self._server is None:
@@ -805,10 +823,6 @@ class Listener:
                 for session in list(self._sessions):
                     session.abort()
                 await asyncio.wait(set(self._tasks))
-        self._server.close()
-        await self._server.wait_closed()
-        self.state = ListenerState.STOPPED
-        log.info("listener %s stopped", self.config.address)
 
     # sessions tell us when they come and go
 

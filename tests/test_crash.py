@@ -28,6 +28,7 @@ from relaykit import wait_until
 
 from relay.spool import QueueAdmin
 from relay.testing.emulator import Emulator, SampleTenant
+from relay.testing.smtp import Phase, delayed
 
 CLIENTS = 8
 BURST = 600
@@ -46,7 +47,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(emulator: Emulator, sample: SampleTenant, tmp: Path, port: int) -> Path:
+def write_config(
+    emulator: Emulator, sample: SampleTenant, tmp: Path, port: int, connections: int = 3
+) -> Path:
     config = {
         "listen": [{"address": f"127.0.0.1:{port}"}],
         "spool": {"path": str(tmp / "spool"), "retry": ["1s", "2s"]},
@@ -65,6 +68,7 @@ def write_config(emulator: Emulator, sample: SampleTenant, tmp: Path, port: int)
                 "account": "contoso",
                 "mailbox": sample.mailbox,
                 "rate": "10000/min",
+                "connections": connections,
             }
         ],
         "log": {"level": "WARNING"},
@@ -199,3 +203,59 @@ async def test_repeated_sigkill_rounds(
     for seed in range(2, 2 + SCALE):
         (tmp_path / f"round{seed}").mkdir()
         await one_round(emulator, sample, tmp_path / f"round{seed}", seed=seed)
+
+
+async def smtp_send(port: int, subject: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert await reply(reader) == 220
+        for command in (
+            b"EHLO app.example",
+            b"MAIL FROM:<relay@contoso.com>",
+            b"RCPT TO:<someone@example.org>",
+            b"DATA",
+        ):
+            writer.write(command + b"\r\n")
+            await reply(reader)
+        writer.write(f"Subject: {subject}\r\n\r\nhello\r\n.\r\n".encode())
+        return await reply(reader)
+    finally:
+        writer.close()
+
+
+async def test_sigterm_finishes_deliveries_in_flight_and_keeps_the_rest(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path
+) -> None:
+    """SIGTERM while one delivery is in flight and one message waits: newcomers hear 421, the
+    delivery in flight completes, the waiting message stays queued and goes after a restart."""
+    emulator.smtp.inject(delayed(Phase.DATA, 1.5), headers={"Subject": "slow"})
+    port = free_port()
+    config = write_config(emulator, sample, tmp_path, port, connections=1)
+    log = tmp_path / "relay.log"
+    proc = await start_relay(config, port, log)
+    assert await smtp_send(port, "slow") == 250
+    await wait_until(lambda: not emulator.smtp.pending_faults)  # the upstream is sitting on it
+    assert await smtp_send(port, "waiting") == 250
+    proc.send_signal(signal.SIGTERM)
+    greetings: list[bytes] = []
+
+    async def refused_politely() -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        greetings.append(await reader.readline())
+        writer.close()
+        return greetings[-1].startswith(b"421")
+
+    await wait_until(refused_politely)  # the first tries may still be greeted 220
+    assert greetings[-1].startswith(b"421 4.3.2 "), greetings
+    assert await proc.wait() == 0
+    assert [m.data.count(b"Subject: slow") for m in emulator.smtp.messages] == [1]
+    (left,) = await QueueAdmin(tmp_path / "spool").entries()
+    assert left.envelope.rcpt_tos == ("someone@example.org",)
+
+    proc = await start_relay(config, port, log)
+    try:
+        await emulator.smtp.wait_for_messages(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+    assert b"Subject: waiting" in emulator.smtp.messages[1].data
