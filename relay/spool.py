@@ -3,8 +3,8 @@
 Takes from the listener an `Envelope` and the message bytes (`Spool.enqueue`) and returns a queue
 id only once both are on disk and synced. Gives the scheduler claimable messages (`ready`,
 `on_ready`, `claim`, `read`) and records each attempt's outcome (`delivered`, `defer`, `dead`).
-`QueueAdmin` is the operators' side (`relay queue list|show|retry|hold|delete`); it works on the
-files directly and is safe while `relay serve` runs. The spool knows nothing about Exchange.
+`QueueAdmin` is the operators' side (`relay queue list|show|retry|hold|delete|bounce`); it works
+on the files directly and is safe while `relay serve` runs. The spool knows nothing about Exchange.
 
 Layout: a state is a directory, and a transition is one atomic rename.
 
@@ -51,10 +51,12 @@ At open a message file's structure and header checksums are verified; its data c
 verified whenever the message is read, and a mismatch moves it to corrupt/ too.
 
 Operators and the running server. `QueueAdmin` renames files between queue/, deferred/, hold/
-and dead/ (and unlinks them); it refuses to touch active/ files, the only ones the server writes.
-The server learns of such changes by a periodic `rescan` (every `rescan_interval` seconds, only
-directory listings unless something changed), and `claim` follows a message an operator moved
-from deferred/ to queue/. A message in queue/ is due now; one in deferred/ at `next_attempt`.
+and dead/ (and unlinks them), records a held message's end in it before moving it to dead/, and
+writes new messages (bounces) into queue/ the way materialisation does; it refuses to touch
+active/ files, the only ones the server writes. The server learns of such changes by a periodic
+`rescan` (every `rescan_interval` seconds, only directory listings unless something changed),
+and `claim` follows a message an operator moved from deferred/ to queue/. A message in queue/
+is due now; one in deferred/ at `next_attempt`.
 
 Ids: 14 hex digits of microseconds since the epoch and 8 random hex digits, so they sort by
 arrival and do not repeat across restarts. Every id is checked (`check_id`) before it becomes
@@ -199,6 +201,11 @@ class Disk:
 
     def datasync(self, fd: int) -> None:
         os.fdatasync(fd)
+
+
+def _make_id(us: int) -> str:
+    """A queue id for a message that arrived `us` microseconds after the epoch."""
+    return f"{us:014X}{secrets.randbits(32):08X}"
 
 
 def check_id(qid: object) -> str:
@@ -847,6 +854,18 @@ class Spool:
         listed = " ".join(f"{s.value}={n}" for s, n in counts.items())
         return f"<Spool {self._path} {self._life.value} {listed}>"
 
+    def census(self) -> dict[State, tuple[int, float | None]]:
+        """Per state: how many messages, and when the oldest arrived (None: none, or unknown
+        as for corrupt/ files). From memory, for metrics; changes by `relay queue` show after
+        the next rescan."""
+        found: dict[State, list[float]] = {s: [] for s in State}
+        for entry in self._index.values():
+            found[entry.state].append(entry.envelope.received_at)
+        found[State.INCOMING] = [i.envelope.received_at for i in self._intake.values()]
+        out = {s: (len(times), min(times, default=None)) for s, times in found.items()}
+        out[State.CORRUPT] = (self._corrupt, None)
+        return out
+
     # Intake --------------------------------------------------------------------------------
 
     async def enqueue(self, envelope: Envelope, data: bytes) -> str:
@@ -895,7 +914,7 @@ class Spool:
     def _next_id(self) -> str:
         us = max(time.time_ns() // 1000, self._last_us + 1)
         self._last_us = us
-        return f"{us:014X}{secrets.randbits(32):08X}"
+        return _make_id(us)
 
     def _account(self, delta: int) -> None:
         self._backlog += delta
@@ -1278,6 +1297,27 @@ class QueueAdmin:
         """Remove a message that is not being delivered; returns what it was."""
         return await asyncio.to_thread(self._delete, check_id(qid))
 
+    async def read(self, qid: str) -> bytes:
+        """The bytes of a message that is not being delivered, checked against their checksum."""
+        return await asyncio.to_thread(self._read, check_id(qid))
+
+    async def submit(self, envelope: Envelope, data: bytes) -> str:
+        """Queue a new message (an operator's bounce) straight into queue/, durably; its id.
+
+        The server takes it at its next rescan, as any message an operator released."""
+        if not envelope.rcpt_tos:
+            raise ValueError("an envelope needs at least one recipient")
+        qid = _make_id(time.time_ns() // 1000)
+        frame = _frame(_MESSAGE, _json(_message_header(qid, envelope)), data)
+        await asyncio.to_thread(self._files.materialise, [(qid, frame)])
+        return qid
+
+    async def dead(self, qid: str, *, reason: str, failed: Mapping[str, str]) -> QueueEntry:
+        """hold/ -> dead/ with `reason`, and `failed` recipients (address -> reply) recorded.
+
+        Only a held message: hold it first, so the server cannot claim it meanwhile."""
+        return await asyncio.to_thread(self._dead, check_id(qid), reason, dict(failed))
+
     def _entries(self, states: Sequence[State]) -> list[QueueEntry]:
         wanted = [(q, s) for s in states for q in self._files.names(s) if _QID.fullmatch(q)]
         return sorted(self._files.load_all(wanted), key=lambda e: e.qid)
@@ -1311,6 +1351,20 @@ class QueueAdmin:
 
     def _hold(self, qid: str) -> QueueEntry:
         return self._change(qid, _CLAIMABLE, State.HOLD)
+
+    def _read(self, qid: str) -> bytes:
+        entry = self._find(qid)
+        if entry.state is State.ACTIVE:
+            raise SpoolError(f"message {qid} is being delivered; try again when it is not")
+        return self._files.read(entry.state, qid)
+
+    def _dead(self, qid: str, reason: str, failed: dict[str, str]) -> QueueEntry:
+        entry = self._find(qid)
+        if entry.state is not State.HOLD:
+            raise SpoolError(f"message {qid} is in {entry.state.value}/, not hold/")
+        entry = replace(_with_outcomes(entry, failed=failed), state=State.DEAD, reason=reason)
+        self._files.append_record(State.HOLD, entry)
+        return self._change(qid, (State.HOLD,), State.DEAD)
 
     def _delete(self, qid: str) -> QueueEntry:
         entry = self._find(qid)
