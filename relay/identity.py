@@ -131,7 +131,8 @@ class MsalTokenProvider:
         self._app: msal.ConfidentialClientApplication | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self.requests = 0  # token requests that reached the identity platform
-        self.last_error: str | None = None
+        self.failures = 0  # token requests that got no token (refused, throttled, unreachable)
+        self.last_error: str | None = None  # why the last request got no token; None after one did
 
     def __repr__(self) -> str:
         state = "ok" if self.last_error is None else f"failing ({self.last_error})"
@@ -161,9 +162,7 @@ class MsalTokenProvider:
                 Reply(451, "4.7.0", f"identity platform unreachable: {type(exc).__name__}")
             ) from None
         except msal.exceptions.MsalServiceError as exc:
-            raise TokenUnavailable(
-                Reply(451, "4.7.0", f"identity platform error: {exc}")
-            ) from None
+            raise TokenUnavailable(Reply(451, "4.7.0", f"identity platform error: {exc}")) from None
         except ValueError as exc:
             # MSAL raises ValueError when discovery fails (unknown tenant, bad authority).
             raise TokenRejected(Reply(535, "5.7.3", f"identity platform: {exc}")) from None
@@ -172,12 +171,18 @@ class MsalTokenProvider:
     async def token(self, scope: str) -> str:
         lock = self._locks.setdefault(scope, asyncio.Lock())
         async with lock:  # one request at a time per scope; the rest read MSAL's cache
-            result = await asyncio.to_thread(self._acquire, scope)
+            try:
+                result = await asyncio.to_thread(self._acquire, scope)
+            except (TokenUnavailable, TokenRejected) as exc:
+                self.failures += 1
+                self.last_error = exc.reply.text
+                raise
         if result.get("token_source") == "identity_provider":
             self.requests += 1
         if "access_token" in result:
             self.last_error = None
             return str(result["access_token"])
+        self.failures += 1
         self.last_error = _refusal(result)
         if result.get("error") not in CREDENTIAL_REFUSALS:
             # Throttling (429 bodies reach us as JSON) and anything unexpected: try later.
