@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from relay.bounce import make_bounce
 from relay.config import RouteConfig, SpoolConfig
 from relay.errors import DeliveryError, SpoolError
+from relay.metrics import Metrics
 from relay.reply import Reply
 from relay.retry import Decision, decide
 from relay.spool import Envelope, QueueEntry, Spool
@@ -146,10 +147,12 @@ class Scheduler:
         routes: Mapping[str, RouteRuntime],
         policy: SpoolConfig,
         hostname: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._spool = spool
         self._policy = policy
         self._hostname = hostname or socket.getfqdn()
+        self._metrics = metrics or Metrics()  # the relay's, or one nobody reads
         self._queues = {name: _RouteQueue(rt) for name, rt in routes.items()}
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -239,6 +242,7 @@ class Scheduler:
         except DeliveryError as exc:
             outcome = exc
         now = time.time()
+        self._metrics.attempted(queue.runtime.config.name, outcome.reply)
         decision = decide(
             outcome,
             pending=entry.pending,
@@ -269,12 +273,15 @@ class Scheduler:
                 took,
                 d.reply.one_line(),
             )
+            self._metrics.delivered(route.name, delay)
         failed = dict(d.failed)
         pending = list(d.pending)
         if failed and not await self._bounce(queue, entry, data, failed):
             # No bounce could be queued: keep those recipients pending rather than lose them.
             pending += list(failed)
             failed = {}
+        if failed:
+            self._metrics.bounced(route.name)
         if pending:
             next_attempt = d.next_attempt or time.time() + self._policy.retry[0]
             entry = await self._spool.defer(
@@ -292,6 +299,7 @@ class Scheduler:
                 next_attempt - time.time(),
                 d.reply.one_line(),
             )
+            self._metrics.deferred(route.name)
             queue.add(entry.qid, next_attempt)
             return
         if not failed:
