@@ -18,7 +18,6 @@ from relay.config import (
     AccountConfig,
     AfterImport,
     Config,
-    Credential,
     CredentialKind,
     InboundConfig,
     ListenerConfig,
@@ -143,7 +142,7 @@ def _account(account: AccountConfig) -> list[str]:
         f"    cloud: {account.cloud.value}",
         f"    tenant_id: {account.tenant_id}",
         f"    client_id: {account.client_id}",
-        f"    credential: {_credential(account.credential)}",
+        f"    credential: {_credential(account)}",
         f"    authority: {endpoints.authority}",
         f"    smtp: {format_address(endpoints.smtp_host, endpoints.smtp_port)}",
         f"    graph: {endpoints.graph}",
@@ -151,11 +150,17 @@ def _account(account: AccountConfig) -> list[str]:
     ]
 
 
-def _credential(credential: Credential) -> str:
+def _credential(account: AccountConfig) -> str:
+    credential = account.credential
     if credential.kind is CredentialKind.SECRET:
         return f"client_secret {MASK}"
     if credential.kind is CredentialKind.FEDERATED:
         return f"federated_token_file {credential.federated_token_file}"
+    if credential.kind is CredentialKind.DELEGATED:
+        return (
+            f"delegated_user {credential.user} (signs in with `relay login {account.name}`; "
+            f"token cache {account.token_cache})"
+        )
     if credential.pfx_file is not None:
         files = f"pfx_file {credential.pfx_file}"
     else:

@@ -37,6 +37,10 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
 from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
@@ -180,6 +184,7 @@ class CredentialKind(Enum):
     SECRET = "client_secret"
     CERTIFICATE = "certificate"
     FEDERATED = "federated_token_file"
+    DELEGATED = "delegated_user"  # a user signs in with `relay login`; no app credential
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +196,7 @@ class Credential:
     pfx_file: Path | None = None  # certificate: PKCS#12 instead of the two PEM files
     passphrase: Secret | None = None  # for an encrypted key or PFX
     federated_token_file: Path | None = None  # read afresh on every token request
+    user: str | None = None  # delegated: the user who signs in, and the only mailbox it sends as
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +208,126 @@ class AccountConfig:
     credential: Credential
     endpoints: Endpoints
     ca_file: Path | None = None  # extra trust anchors for the identity platform, SMTP, Graph
+    token_cache: Path | None = None  # delegated: where `relay login` leaves the user's tokens
+
+
+TOKEN_CACHE_DIR = "tokens"  # under the spool path: one MSAL token cache per delegated account
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertificatePair:
+    """A certificate credential as MSAL takes it: both halves in PEM, the key unencrypted."""
+
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes
+
+
+class CertificateProblem(ValueError):
+    """A certificate credential that cannot be used; `key` names the relay.yaml key at fault."""
+
+    def __init__(self, key: str, message: str, hint: str = "") -> None:
+        self.key = key
+        self.message = message
+        self.hint = hint
+        super().__init__(message)
+
+
+def read_certificate(credential: Credential) -> CertificatePair:
+    """Open a certificate credential (PEM key + certificate, or a PFX) with its passphrase.
+
+    Raises `CertificateProblem` saying which file is wrong and how; never with the passphrase.
+    """
+    passphrase = credential.passphrase.reveal().encode() if credential.passphrase else None
+    if credential.pfx_file is not None:
+        key, cert = _read_pfx(credential.pfx_file, passphrase)
+    else:
+        assert credential.key_file is not None and credential.cert_file is not None
+        key = _read_key(credential.key_file, passphrase)
+        cert = _read_cert(credential.cert_file)
+        if _public(key.public_key()) != _public(cert.public_key()):
+            raise CertificateProblem(
+                "cert_file",
+                f"{credential.cert_file} is not the certificate of key_file {credential.key_file}",
+                hint="give the certificate made with this key, as uploaded to the app registration",
+            )
+    if not isinstance(key, rsa.RSAPrivateKey):
+        where = "pfx_file" if credential.pfx_file is not None else "key_file"
+        raise CertificateProblem(
+            where,
+            "the key is not an RSA key",
+            hint="Entra ID signs app credentials with RSA certificates",
+        )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return CertificatePair(key_pem=key_pem, cert_pem=cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _read_bytes(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CertificateProblem(key, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _read_pfx(path: Path, passphrase: bytes | None) -> tuple[Any, x509.Certificate]:
+    try:
+        key, cert, _ = pkcs12.load_key_and_certificates(_read_bytes(path, "pfx_file"), passphrase)
+    except ValueError:
+        if passphrase is None:
+            raise CertificateProblem(
+                "pfx_file",
+                f"cannot open {path}: not a PKCS#12 (.pfx) file, or it needs a passphrase",
+                hint="give passphrase or passphrase_file if the file has one",
+            ) from None
+        raise CertificateProblem(
+            "pfx_file", f"cannot open {path}: wrong passphrase, or not a PKCS#12 (.pfx) file"
+        ) from None
+    if key is None or cert is None:
+        missing = "private key" if key is None else "certificate"
+        raise CertificateProblem(
+            "pfx_file",
+            f"{path} holds no {missing}",
+            hint="export the certificate with its private key",
+        )
+    return key, cert
+
+
+def _read_key(path: Path, passphrase: bytes | None) -> Any:
+    data = _read_bytes(path, "key_file")
+    try:
+        return serialization.load_pem_private_key(data, passphrase)
+    except TypeError:  # encrypted without a passphrase, or a passphrase for a plain key
+        if passphrase is None:
+            raise CertificateProblem(
+                "key_file",
+                f"{path} is encrypted",
+                hint="give passphrase or passphrase_file",
+            ) from None
+        raise CertificateProblem(
+            "passphrase", f"key_file {path} is not encrypted", hint="remove the passphrase"
+        ) from None
+    except ValueError:
+        reason = "wrong passphrase, or not" if passphrase is not None else "not"
+        raise CertificateProblem(
+            "key_file", f"cannot open {path}: {reason} a PEM private key"
+        ) from None
+
+
+def _read_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(_read_bytes(path, "cert_file"))
+    except ValueError:
+        raise CertificateProblem("cert_file", f"{path} is not a PEM certificate") from None
+
+
+def _public(key: Any) -> bytes:
+    der: bytes = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
 
 
 class Transport(Enum):
@@ -806,7 +932,7 @@ _SECTIONS: dict[str, Callable[[_At, _Get], Any]] = {
     "limits": lambda at, get: _limits(at),
     "users": lambda at, get: _users(at),
     "spool": lambda at, get: _spool(at),
-    "accounts": lambda at, get: _accounts(at),
+    "accounts": lambda at, get: _accounts(at, get("spool")),
     "routes": lambda at, get: _routes(at, get("accounts"), get("users")),
     "inbound": lambda at, get: _inbound(at, get("accounts")),
     "admin": lambda at, get: None if at.is_null else _admin(at),
@@ -924,33 +1050,44 @@ def _retry(at: _At) -> tuple[float, ...]:
 
 # accounts
 
-_CREDENTIALS = ("client_secret", "client_secret_file", "certificate", "federated_token_file")
+_CREDENTIALS = (
+    "client_secret",
+    "client_secret_file",
+    "certificate",
+    "federated_token_file",
+    "delegated_user",
+)
 _ACCOUNT_KEYS = ("cloud", "tenant_id", "client_id", *_CREDENTIALS, "endpoints", "ca_file")
 
 
-def _accounts(at: _At) -> Mapping[str, AccountConfig]:
+def _accounts(at: _At, spool: SpoolConfig) -> Mapping[str, AccountConfig]:
     accounts = {}
     for name, account_at in at.mapping(None).named():
         _check_name(name, account_at)
-        accounts[name] = _account(name, account_at)
+        accounts[name] = _account(name, account_at, spool)
     return MappingProxyType(accounts)
 
 
-def _account(name: str, at: _At) -> AccountConfig:
+def _account(name: str, at: _At, spool: SpoolConfig) -> AccountConfig:
     m = at.mapping(_ACCOUNT_KEYS)
     kw: dict[str, Any] = {}
     m.put(kw, "cloud", lambda a: a.enum(Cloud))
     m.put(kw, "ca_file", _At.readable_file)
     cloud = kw.setdefault("cloud", Cloud.GLOBAL)
+    tenant_id = _tenant_id(
+        m.require("tenant_id", hint="the directory (tenant) ID of your Entra tenant")
+    )
+    client_id = _client_id(
+        m.require("client_id", hint="the application (client) ID of your app registration")
+    )
+    credential = _credential(at, m)
+    if credential.kind is CredentialKind.DELEGATED:
+        kw["token_cache"] = spool.path / TOKEN_CACHE_DIR / f"{name}.json"
     return AccountConfig(
         name=name,
-        tenant_id=_tenant_id(
-            m.require("tenant_id", hint="the directory (tenant) ID of your Entra tenant")
-        ),
-        client_id=_client_id(
-            m.require("client_id", hint="the application (client) ID of your app registration")
-        ),
-        credential=_credential(at, m),
+        tenant_id=tenant_id,
+        client_id=client_id,
+        credential=credential,
         endpoints=_endpoints(m.section("endpoints"), CLOUD_ENDPOINTS[cloud]),
         **kw,
     )
@@ -985,8 +1122,8 @@ def _credential(at: _At, m: _Map) -> Credential:
     if not given:
         raise at.error(
             "no credential",
-            hint="give one of client_secret, client_secret_file, certificate or "
-            "federated_token_file",
+            hint="give one of client_secret, client_secret_file, certificate, "
+            "federated_token_file or delegated_user",
         )
     if len(given) > 1:
         second = m.key(given[1])
@@ -1000,6 +1137,8 @@ def _credential(at: _At, m: _Map) -> Credential:
             kind=CredentialKind.FEDERATED,
             federated_token_file=m.require("federated_token_file").readable_file(),
         )
+    if given[0] == "delegated_user":
+        return Credential(kind=CredentialKind.DELEGATED, user=_mailbox(m.require("delegated_user")))
     return Credential(kind=CredentialKind.SECRET, secret=_secret(m, "client_secret"))
 
 
@@ -1022,19 +1161,26 @@ def _certificate(at: _At) -> Credential:
             raise m.key(pem[0]).error(
                 "pfx_file is also given", hint="give pfx_file, or key_file and cert_file"
             )
-        return Credential(
+        credential = Credential(
             kind=CredentialKind.CERTIFICATE,
             pfx_file=m.require("pfx_file").readable_file(),
             passphrase=passphrase,
         )
-    hint = "PEM key_file and cert_file, or a pfx_file"
-    key_file, cert_file = m.require("key_file", hint=hint), m.require("cert_file", hint=hint)
-    return Credential(
-        kind=CredentialKind.CERTIFICATE,
-        key_file=key_file.readable_file(),
-        cert_file=cert_file.readable_file(),
-        passphrase=passphrase,
-    )
+    else:
+        hint = "PEM key_file and cert_file, or a pfx_file"
+        key_file, cert_file = m.require("key_file", hint=hint), m.require("cert_file", hint=hint)
+        credential = Credential(
+            kind=CredentialKind.CERTIFICATE,
+            key_file=key_file.readable_file(),
+            cert_file=cert_file.readable_file(),
+            passphrase=passphrase,
+        )
+    try:
+        read_certificate(credential)
+    except CertificateProblem as problem:
+        where = m.get(problem.key) or m.get(f"{problem.key}_file") or at
+        raise where.error(problem.message, hint=problem.hint) from None
+    return credential
 
 
 def _endpoints(at: _At, preset: Endpoints) -> Endpoints:
@@ -1168,6 +1314,7 @@ def _route(
     )
     m.put(kw, "save_to_sent_items", _At.boolean)
     route = RouteConfig(**kw)
+    _check_delegated(m.require("mailbox"), accounts[route.account], route.mailbox, "sends")
     if route.send_as and route.sender is SenderPolicy.REWRITE:
         raise m.key("send_as").error(
             "used only with sender: keep", hint="with rewrite, every message is sent as mailbox"
@@ -1233,12 +1380,24 @@ def _one_inbound(at: _At, accounts: Mapping[str, AccountConfig]) -> InboundConfi
     if after is not None:
         kw["after"], kw["move_to"] = _after(after)
     config = InboundConfig(**kw)
+    _check_delegated(m.require("mailbox"), accounts[config.account], config.mailbox, "reads")
     if config.move_to is not None and config.move_to.lower() == config.folder.lower():
         raise m.require("after").error(
             f"move_to is the folder being imported ({config.folder})",
             hint="move messages to another folder, e.g. Imported",
         )
     return config
+
+
+def _check_delegated(at: _At, account: AccountConfig, mailbox: str, does: str) -> None:
+    """A signed-in user's tokens open that user's own mailbox only."""
+    user = account.credential.user
+    if user is not None and user.lower() != mailbox.lower():
+        raise at.error(
+            f"account {account.name} signs in as {user} (delegated_user) and {does} only "
+            "that mailbox",
+            hint=f"use mailbox {user}, or an account with app-only access for {mailbox}",
+        )
 
 
 def _deliver(at: _At) -> Mapping[str, object]:

@@ -17,6 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from credkit import app_certificate, other_certificate, write_certificate_files
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
 
 from relay.check import describe, format_duration, format_size
 from relay.config import (
@@ -35,6 +41,7 @@ from relay.config import (
     Transport,
     load,
     loads,
+    read_certificate,
 )
 from relay.errors import ConfigError
 
@@ -324,26 +331,143 @@ def test_client_secret_file_is_read_at_load(tmp_path: Path, content: str, secret
 
 
 def test_certificate_credentials(tmp_path: Path) -> None:
-    for name in ("key.pem", "cert.pem", "app.pfx"):
-        write(tmp_path / name)
+    """The files are opened with the passphrase: a credential that loads is one MSAL can use."""
+    cert_pem, key_pem = app_certificate()
+    write_certificate_files(tmp_path, cert_pem, key_pem, passphrase=SECRET)
+    write_certificate_files(tmp_path / "plain", cert_pem, key_pem)
     write(tmp_path / "pass", f"{SECRET}\n")
     source = str(tmp_path / "relay.yaml")
     pem = _with_credential(
-        "    certificate: {key_file: key.pem, cert_file: cert.pem, passphrase_file: pass}\n"
+        "    certificate: {key_file: app.key, cert_file: app.pem, passphrase_file: pass}\n"
     )
     pfx = _with_credential(f"    certificate: {{pfx_file: app.pfx, passphrase: '{SECRET}'}}\n")
-    bare = _with_credential("    certificate: {key_file: key.pem, cert_file: cert.pem}\n")
+    bare = _with_credential("    certificate: {key_file: plain/app.key, cert_file: app.pem}\n")
 
     credential = loads(pem, source=source, environ={}).accounts["contoso"].credential
     assert credential.kind is CredentialKind.CERTIFICATE
     assert (credential.key_file, credential.cert_file) == (
-        tmp_path / "key.pem",
-        tmp_path / "cert.pem",
+        tmp_path / "app.key",
+        tmp_path / "app.pem",
     )
     assert credential.passphrase == Secret(SECRET)
+    assert read_certificate(credential).cert_pem == cert_pem
     credential = loads(pfx, source=source, environ={}).accounts["contoso"].credential
     assert (credential.pfx_file, credential.passphrase) == (tmp_path / "app.pfx", Secret(SECRET))
+    assert read_certificate(credential).cert_pem == cert_pem
     assert loads(bare, source=source, environ={}).accounts["contoso"].credential.passphrase is None
+
+
+@pytest.mark.parametrize(
+    ("certificate", "message"),
+    [
+        pytest.param(
+            "{pfx_file: app.pfx, passphrase: wrong-passphrase}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.pfx_file: cannot open {dir}/app.pfx: "
+            "wrong passphrase, or not a PKCS#12 (.pfx) file",
+            id="pfx wrong passphrase",
+        ),
+        pytest.param(
+            "{pfx_file: app.pfx}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.pfx_file: cannot open {dir}/app.pfx: "
+            "not a PKCS#12 (.pfx) file, or it needs a passphrase (give passphrase or "
+            "passphrase_file if the file has one)",
+            id="pfx without its passphrase",
+        ),
+        pytest.param(
+            f"{{pfx_file: app.pem, passphrase: '{SECRET}'}}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.pfx_file: cannot open {dir}/app.pem: "
+            "wrong passphrase, or not a PKCS#12 (.pfx) file",
+            id="pem given as pfx",
+        ),
+        pytest.param(
+            "{pfx_file: cert-only.pfx}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.pfx_file: "
+            "{dir}/cert-only.pfx holds no private key (export the certificate with its private "
+            "key)",
+            id="pfx without a key",
+        ),
+        pytest.param(
+            "{key_file: app.key, cert_file: app.pem}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.key_file: {dir}/app.key is encrypted "
+            "(give passphrase or passphrase_file)",
+            id="encrypted key without passphrase",
+        ),
+        pytest.param(
+            "{key_file: app.key, cert_file: app.pem, passphrase: wrong-passphrase}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.key_file: cannot open {dir}/app.key: "
+            "wrong passphrase, or not a PEM private key",
+            id="key wrong passphrase",
+        ),
+        pytest.param(
+            f"{{key_file: plain/app.key, cert_file: app.pem, passphrase: '{SECRET}'}}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.passphrase: key_file "
+            "{dir}/plain/app.key is not encrypted (remove the passphrase)",
+            id="passphrase for a plain key",
+        ),
+        pytest.param(
+            "{key_file: app.pem, cert_file: app.pem}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.key_file: cannot open {dir}/app.pem: "
+            "not a PEM private key",
+            id="certificate given as key",
+        ),
+        pytest.param(
+            "{key_file: plain/app.key, cert_file: plain/app.key}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.cert_file: "
+            "{dir}/plain/app.key is not a PEM certificate",
+            id="key given as certificate",
+        ),
+        pytest.param(
+            "{key_file: plain/app.key, cert_file: other.pem}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.cert_file: "
+            "{dir}/other.pem is not the certificate of key_file {dir}/plain/app.key (give the "
+            "certificate made with this key, as uploaded to the app registration)",
+            id="key and certificate of different pairs",
+        ),
+        pytest.param(
+            "{key_file: ec.key, cert_file: ec.pem}",
+            "{dir}/relay.yaml:7: accounts.contoso.certificate.key_file: the key is not an RSA key "
+            "(Entra ID signs app credentials with RSA certificates)",
+            id="not RSA",
+        ),
+    ],
+)
+def test_certificate_errors(tmp_path: Path, certificate: str, message: str) -> None:
+    """A certificate that cannot sign an assertion is a config error, found by `relay check`."""
+    _certificate_files(tmp_path)
+    text = _with_credential(f"    certificate: {certificate}\n")
+    assert error(text, source=str(tmp_path / "relay.yaml")) == message.format(dir=tmp_path)
+
+
+def _certificate_files(directory: Path) -> None:
+    """Right and wrong certificate files: app.* (encrypted with SECRET), plain/app.* (not
+    encrypted), other.pem (another key's certificate), cert-only.pfx, ec.key + ec.pem."""
+    cert_pem, key_pem = app_certificate()
+    write_certificate_files(directory, cert_pem, key_pem, passphrase=SECRET)
+    write_certificate_files(directory / "plain", cert_pem, key_pem)
+    write(directory / "other.pem", other_certificate()[0])
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    no_key = pkcs12.serialize_key_and_certificates(
+        b"cert", None, cert, None, serialization.NoEncryption()
+    )
+    write(directory / "cert-only.pfx", no_key)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ec")])
+    ec_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ec_key.public_key())
+        .serial_number(1)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+        .sign(ec_key, hashes.SHA256())
+    )
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    write(
+        directory / "ec.key",
+        ec_key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()),
+    )
+    write(directory / "ec.pem", ec_cert.public_bytes(serialization.Encoding.PEM))
 
 
 def test_federated_token_file_is_checked_but_not_read(tmp_path: Path) -> None:
@@ -356,6 +480,26 @@ def test_federated_token_file_is_checked_but_not_read(tmp_path: Path) -> None:
     assert credential.kind is CredentialKind.FEDERATED
     assert credential.federated_token_file == tmp_path / "token"
     assert credential.secret is None
+
+
+DELEGATED = _with_credential("    delegated_user: relay@contoso.com\n")
+
+
+def test_delegated_user_has_a_token_cache_in_the_spool(tmp_path: Path) -> None:
+    """No secret in relay.yaml: `relay login` leaves the user's tokens under the spool path."""
+    config = loads(
+        DELEGATED + "spool: {path: var/spool}\n", source=str(tmp_path / "relay.yaml"), environ={}
+    )
+    account = config.accounts["contoso"]
+    assert account.credential.kind is CredentialKind.DELEGATED
+    assert (account.credential.user, account.credential.secret) == ("relay@contoso.com", None)
+    assert account.token_cache == tmp_path / "var/spool/tokens/contoso.json"
+    assert parse(BASE).accounts["contoso"].token_cache is None
+    shown = describe(config)
+    assert (
+        "    credential: delegated_user relay@contoso.com (signs in with `relay login contoso`; "
+        f"token cache {tmp_path / 'var/spool/tokens/contoso.json'})"
+    ) in shown
 
 
 def test_a_route_with_every_key() -> None:
@@ -542,14 +686,13 @@ def test_config_is_frozen() -> None:
 
 def test_secrets_are_masked_everywhere(tmp_path: Path) -> None:
     """The secret, a passphrase and a password hash never show in repr, str or describe()."""
-    write(tmp_path / "key.pem")
-    write(tmp_path / "cert.pem")
+    write_certificate_files(tmp_path, *app_certificate(), passphrase=SECRET)
     text = BASE.replace(
         "routes:",
         "  fabrikam:\n"
         f"    tenant_id: {TENANT_ID}\n"
         f"    client_id: {CLIENT_ID}\n"
-        f"    certificate: {{key_file: key.pem, cert_file: cert.pem, passphrase: '{SECRET}'}}\n"
+        f"    certificate: {{key_file: app.key, cert_file: app.pem, passphrase: '{SECRET}'}}\n"
         f"users: {{ultimo: {{password_hash: 'scrypt${SECRET}'}}}}\n"
         "routes:",
     )
@@ -686,7 +829,7 @@ ROUTE_AT_12 = "relay.yaml:12: routes[0]"
         pytest.param(
             _with_credential(""),
             "relay.yaml:5: accounts.contoso: no credential (give one of client_secret, "
-            "client_secret_file, certificate or federated_token_file)",
+            "client_secret_file, certificate, federated_token_file or delegated_user)",
             id="missing credential",
         ),
         pytest.param(
@@ -696,6 +839,35 @@ ROUTE_AT_12 = "relay.yaml:12: routes[0]"
             "relay.yaml:8: accounts.contoso: two credentials, client_secret and "
             "federated_token_file (give exactly one)",
             id="two credentials",
+        ),
+        pytest.param(
+            _with_credential(f'    client_secret: "{SECRET}"\n    delegated_user: a@contoso.com\n'),
+            "relay.yaml:8: accounts.contoso: two credentials, client_secret and "
+            "delegated_user (give exactly one)",
+            id="secret and delegated user",
+        ),
+        pytest.param(
+            _with_credential("    delegated_user: relay\n"),
+            "relay.yaml:7: accounts.contoso.delegated_user: expected a mailbox address like "
+            "relay@contoso.com, got 'relay'",
+            id="delegated user not an address",
+        ),
+        pytest.param(
+            DELEGATED.replace("mailbox: relay@contoso.com", "mailbox: shared@contoso.com"),
+            "relay.yaml:11: routes[0].mailbox: account contoso signs in as relay@contoso.com "
+            "(delegated_user) and sends only that mailbox (use mailbox relay@contoso.com, or an "
+            "account with app-only access for shared@contoso.com)",
+            id="delegated account sending from another mailbox",
+        ),
+        pytest.param(
+            DELEGATED
+            + "inbound:\n"
+            + "  - {name: helpdesk, account: contoso, mailbox: helpdesk@contoso.com,\n"
+            + "     deliver: {maildir: m}}\n",
+            "relay.yaml:13: inbound[0].mailbox: account contoso signs in as relay@contoso.com "
+            "(delegated_user) and reads only that mailbox (use mailbox relay@contoso.com, or an "
+            "account with app-only access for helpdesk@contoso.com)",
+            id="delegated account importing another mailbox",
         ),
         pytest.param(
             _with_credential(f'    client_secret: "{SECRET}"\n    client_secret_file: s.txt\n'),
