@@ -155,6 +155,7 @@ class Scheduler:
         self._metrics = metrics or Metrics()  # the relay's, or one nobody reads
         self._queues = {name: _RouteQueue(rt) for name, rt in routes.items()}
         self._workers: list[asyncio.Task[None]] = []
+        self._delivering: set[asyncio.Task[None]] = set()  # workers inside a delivery
         self._stopping = False
         self._started = False
 
@@ -193,6 +194,9 @@ class Scheduler:
             queue.changed.set()
         if not self._workers:
             return
+        for task in self._workers:
+            if task not in self._delivering:
+                task.cancel()  # waiting for mail or for its pacing slot: nothing to finish
         _, pending = await asyncio.wait(self._workers, timeout=grace)
         for task in pending:
             task.cancel()
@@ -215,6 +219,9 @@ class Scheduler:
             if wait > 0:
                 await asyncio.sleep(wait)
             queue.in_flight += 1
+            task = asyncio.current_task()
+            assert task is not None
+            self._delivering.add(task)
             try:
                 await self._deliver(queue, got)
             except SpoolError:
@@ -222,6 +229,7 @@ class Scheduler:
                 queue.add(got, time.time() + self._policy.retry[0])
             finally:
                 queue.in_flight -= 1
+                self._delivering.discard(task)
 
     async def _deliver(self, queue: _RouteQueue, qid: str) -> None:
         entry = await self._spool.claim(qid)
