@@ -433,6 +433,14 @@ class _Files:
         finally:
             os.close(fd)
 
+    def probe(self) -> None:
+        """Write, sync and remove a file where intake writes (a crash leaves a .tmp: removed at
+        the next start)."""
+        path = self.dir(State.INCOMING) / f"probe-{secrets.token_hex(4)}.tmp"  # probes may overlap
+        with _io("writing a probe file in incoming/"):
+            self.write_new(path, b"probe\n")
+            path.unlink()
+
     def materialise(self, frames: Sequence[tuple[str, bytes]]) -> None:
         """Give each journaled message its own file in queue/, durably."""
         with _io("writing messages to queue/"):
@@ -853,6 +861,12 @@ class Spool:
         counts[State.CORRUPT] = self._corrupt
         listed = " ".join(f"{s.value}={n}" for s, n in counts.items())
         return f"<Spool {self._path} {self._life.value} {listed}>"
+
+    async def check_writable(self) -> None:
+        """Raise SpoolError (SpoolFull) unless a file can be written and synced where intake
+        writes; for readiness probes."""
+        self._require_open()
+        await self._offload(self._files.probe)
 
     def census(self) -> dict[State, tuple[int, float | None]]:
         """Per state: how many messages, and when the oldest arrived (None: none, or unknown
