@@ -1,7 +1,9 @@
 """`Relay(config)`: the runtime that `relay serve` starts, waits on and stops.
 
-Start order: spool (recovery) -> token providers -> transports -> scheduler -> listeners.
+Start order: spool (recovery) -> token providers -> transports -> scheduler -> listeners ->
+admin server (/healthz, /readyz, /metrics; when `admin:` is configured).
 Stop order is the reverse, each step within the grace period, one failure not skipping the rest:
+  0. the admin server stops answering;
   1. listeners drain: new connections get 421, idle sessions end, sessions in DATA finish;
   2. the scheduler stops claiming; deliveries in flight finish or are cancelled (their mail stays
      queued); meanwhile the listeners go on answering 421;
@@ -18,12 +20,14 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 
+from relay.admin import AdminServer
 from relay.config import Config, RouteConfig, Transport, load
 from relay.errors import ConfigError, IntakeRefused, SpoolError, SpoolFull
 from relay.identity import MsalTokenProvider, TokenProvider
 from relay.intake import Client
 from relay.listener import Listener
 from relay.logs import configure as configure_logging
+from relay.metrics import Metrics
 from relay.reply import Reply
 from relay.routing import Router
 from relay.scheduler import Pacer, RouteRuntime, Scheduler
@@ -42,9 +46,10 @@ SPOOL_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message, try a
 class RelayIntake:
     """The relay's answer to the listener: route with the router, store in the spool."""
 
-    def __init__(self, router: Router, spool: Spool) -> None:
+    def __init__(self, router: Router, spool: Spool, metrics: Metrics | None = None) -> None:
         self._router = router
         self._spool = spool
+        self._metrics = metrics or Metrics()  # the relay's, or one nobody reads
 
     def check_sender(self, client: Client, mail_from: str) -> Reply | None:
         return self._router.at_mail(client.address, client.user, mail_from)
@@ -92,6 +97,7 @@ class RelayIntake:
                 envelope.route,
                 len(blob),
             )
+            self._metrics.received(envelope.route)
         return " ".join(qids)
 
 
@@ -152,6 +158,8 @@ class Relay:
         self.routes: dict[str, RouteRuntime] = {}
         self.scheduler: Scheduler | None = None
         self.listeners: list[Listener] = []
+        self.metrics = Metrics()
+        self.admin: AdminServer | None = None
         self._steps: list[Callable[[float], Awaitable[None]]] | None = None  # left to stop
 
     def __repr__(self) -> str:
@@ -167,14 +175,20 @@ class Relay:
         try:
             self.spool = await Spool.open(cfg.spool.path)
             self.tokens = {name: MsalTokenProvider(acc) for name, acc in cfg.accounts.items()}
+            self.metrics.watch(queue=self.spool, tokens=self.tokens)
             self.routes = build_routes(cfg, self.tokens)
-            self.scheduler = Scheduler(spool=self.spool, routes=self.routes, policy=cfg.spool)
+            self.scheduler = Scheduler(
+                spool=self.spool, routes=self.routes, policy=cfg.spool, metrics=self.metrics
+            )
             await self.scheduler.start()
-            intake = RelayIntake(Router(cfg.routes), self.spool)
+            intake = RelayIntake(Router(cfg.routes), self.spool, self.metrics)
             for listen in cfg.listeners:
                 listener = Listener(listen, limits=cfg.limits, users=cfg.users, intake=intake)
                 await listener.start()
                 self.listeners.append(listener)
+            if cfg.admin is not None:
+                self.admin = AdminServer(self, cfg.admin)
+                await self.admin.start()
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -189,8 +203,11 @@ class Relay:
             self.state = State.STOPPED
         if self._steps is None:
             self.state = State.STOPPED
+            steps: list[Callable[[float], Awaitable[None]]] = []
+            if self.admin is not None:
+                steps.append(_ignore_grace(self.admin.stop))
             # Listeners keep answering 421 until the scheduler has finished its deliveries.
-            steps: list[Callable[[float], Awaitable[None]]] = [lis.drain for lis in self.listeners]
+            steps += [lis.drain for lis in self.listeners]
             if self.scheduler is not None:
                 steps.append(self.scheduler.stop)
             steps += [_ignore_grace(lis.close) for lis in self.listeners]
