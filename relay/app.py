@@ -18,7 +18,9 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from enum import Enum
+from pathlib import Path
 
 from relay.admin import AdminServer
 from relay.config import Config, RouteConfig, Transport, load
@@ -31,7 +33,7 @@ from relay.metrics import Metrics
 from relay.reply import Reply
 from relay.routing import Router
 from relay.scheduler import Pacer, RouteRuntime, Scheduler
-from relay.spool import Envelope, Spool
+from relay.spool import Envelope, QueueEntry, Spool
 from relay.tls import client_context
 from relay.transports import Transport as TransportType
 from relay.transports.graph import GraphTransport
@@ -154,7 +156,7 @@ class Relay:
         self.config = config
         self.state = State.NEW
         self.spool: Spool | None = None
-        self.tokens: Mapping[str, MsalTokenProvider] = {}
+        self.tokens: dict[str, MsalTokenProvider] = {}  # updated in place: metrics read it
         self.routes: dict[str, RouteRuntime] = {}
         self.scheduler: Scheduler | None = None
         self.listeners: list[Listener] = []
@@ -174,13 +176,10 @@ class Relay:
         cfg = self.config
         try:
             self.spool = await Spool.open(cfg.spool.path)
-            self.tokens = {name: MsalTokenProvider(acc) for name, acc in cfg.accounts.items()}
+            self.spool.on_ready(self._submit)
+            self.tokens.update({name: MsalTokenProvider(acc) for name, acc in cfg.accounts.items()})
             self.metrics.watch(queue=self.spool, tokens=self.tokens)
-            self.routes = build_routes(cfg, self.tokens)
-            self.scheduler = Scheduler(
-                spool=self.spool, routes=self.routes, policy=cfg.spool, metrics=self.metrics
-            )
-            await self.scheduler.start()
+            await self._start_delivery(cfg)
             intake = RelayIntake(Router(cfg.routes), self.spool, self.metrics)
             for listen in cfg.listeners:
                 listener = Listener(listen, limits=cfg.limits, users=cfg.users, intake=intake)
@@ -192,6 +191,65 @@ class Relay:
         except BaseException:
             await self.stop(grace=0)
             raise
+
+    async def _start_delivery(self, cfg: Config) -> None:
+        assert self.spool is not None
+        self.routes = build_routes(cfg, self.tokens)
+        self.scheduler = Scheduler(
+            spool=self.spool, routes=self.routes, policy=cfg.spool, metrics=self.metrics
+        )
+        await self.scheduler.start()
+
+    def _submit(self, entry: QueueEntry) -> None:
+        if self.scheduler is not None:
+            self.scheduler.submit(entry)
+
+    async def reload(self, config: Config, grace: float = 30.0) -> list[str]:
+        """Apply a validated new configuration; return what it could not apply (restart needed).
+
+        New sessions and new delivery attempts use the new configuration; deliveries in flight
+        finish on the old one (within `grace`), and queued mail stays queued throughout.
+        Listener addresses and TLS settings and the spool path need a restart.
+        """
+        if self.state is not State.RUNNING or self.spool is None:
+            raise RuntimeError(f"Relay cannot reload: it is {self.state.value}")
+        kept: list[str] = []
+        if config.spool.path != self.config.spool.path:
+            kept.append(f"spool.path stays {self.config.spool.path} until a restart")
+            config = replace(config, spool=replace(config.spool, path=self.config.spool.path))
+        old = {(lc.host, lc.port, lc.tls) for lc in self.config.listeners}
+        if {(lc.host, lc.port, lc.tls) for lc in config.listeners} != old:
+            kept.append("listen addresses and TLS settings apply after a restart")
+        intake = RelayIntake(Router(config.routes), self.spool, self.metrics)
+        for listener in self.listeners:
+            same = next(
+                (
+                    lc
+                    for lc in config.listeners
+                    if (lc.host, lc.port, lc.tls)
+                    == (listener.config.host, listener.config.port, listener.config.tls)
+                ),
+                listener.config,
+            )
+            listener.reconfigure(same, limits=config.limits, users=config.users, intake=intake)
+        # Delivery: let the old scheduler finish what it holds, then start afresh.
+        old_scheduler, old_routes = self.scheduler, self.routes
+        self.scheduler = None
+        if old_scheduler is not None:
+            await old_scheduler.stop(grace)
+        for transport in {id(rt.transport): rt.transport for rt in old_routes.values()}.values():
+            await transport.aclose()
+        self.tokens.clear()
+        self.tokens.update({n: MsalTokenProvider(acc) for n, acc in config.accounts.items()})
+        self.config = config
+        await self._start_delivery(config)
+        log.info(
+            "configuration reloaded: %d routes, %d accounts%s",
+            len(config.routes),
+            len(config.accounts),
+            "".join(f"; {note}" for note in kept),
+        )
+        return kept
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop in reverse order of start; one failing step does not skip the rest.
@@ -235,6 +293,16 @@ def _ignore_grace(close: Callable[[], Awaitable[None]]) -> Callable[[float], Awa
 STOP_GRACE = 30.0  # seconds deliveries and DATA sessions get to finish on SIGTERM
 
 
+async def _reload(relay: Relay, path: Path) -> None:
+    """SIGHUP: read the file again; a bad one is logged and the running configuration stays."""
+    try:
+        config = await asyncio.to_thread(load, path)
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        return
+    await relay.reload(config, STOP_GRACE)
+
+
 async def run_serve(args: argparse.Namespace) -> int:
     """`relay serve`: run until SIGTERM or SIGINT; a second SIGINT stops without waiting."""
     try:
@@ -257,8 +325,17 @@ async def run_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    log.info("relay started (%s); SIGTERM or Ctrl-C stops it", config.source)
-    await stop.wait()
+    log.info("relay started (%s); SIGTERM or Ctrl-C stops it, SIGHUP reloads", config.source)
+    reload = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    while not stop.is_set():
+        waiters = {asyncio.create_task(stop.wait()), asyncio.create_task(reload.wait())}
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if reload.is_set() and not stop.is_set():
+            reload.clear()
+            await _reload(relay, args.config)
     log.info("stopping: finishing deliveries and DATA sessions (up to %.0fs)", STOP_GRACE)
     stopping = asyncio.create_task(relay.stop(STOP_GRACE))
     forced = asyncio.create_task(force.wait())

@@ -524,6 +524,10 @@ class _Policy:
         self._failure_delay = auth_failure_delay
         self._checks = asyncio.Semaphore(PASSWORD_CHECKS)
 
+    def reconfigure(self, *, intake: Intake, users: Mapping[str, UserConfig]) -> None:
+        self._intake = intake
+        self._users = users
+
     def _offer(self, server: _SMTP) -> AuthOffer:
         return auth_offer(
             has_users=bool(self._users),
@@ -715,6 +719,20 @@ class Listener:
         self._port = config.port
         self._sessions: set[_SMTP] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def reconfigure(
+        self,
+        config: ListenerConfig,
+        *,
+        limits: Limits,
+        users: Mapping[str, UserConfig],
+        intake: Intake,
+    ) -> None:
+        """A reloaded configuration for this listener (same address and TLS): new sessions and
+        new transactions use it; the socket stays open."""
+        self.config = config
+        self.limits = limits
+        self._policy.reconfigure(intake=intake, users=users)
 
     def __repr__(self) -> str:
         busy = sum(s.in_data for s in self._sessions)

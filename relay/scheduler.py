@@ -169,14 +169,14 @@ class Scheduler:
         self._started = True
         for entry in self._spool.ready():
             self.submit(entry)
-        self._spool.on_ready(self.submit)
         for queue in self._queues.values():
             for n in range(queue.runtime.config.connections):
                 name = f"deliver-{queue.runtime.config.name}-{n}"
                 self._workers.append(asyncio.create_task(self._work(queue), name=name))
 
     def submit(self, entry: QueueEntry) -> None:
-        """Learn of a message that is (or will be) due; called by the spool and at start."""
+        """Learn of a message that is (or will be) due (the owner forwards the spool's
+        `on_ready` notices here; `start` reads what was already there)."""
         queue = self._queues.get(entry.envelope.route)
         if queue is None:
             log.error(
@@ -224,12 +224,25 @@ class Scheduler:
             self._delivering.add(task)
             try:
                 await self._deliver(queue, got)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._release(got))
+                raise
             except SpoolError:
                 log.exception("%s: spool error during delivery; retrying later", got)
                 queue.add(got, time.time() + self._policy.retry[0])
             finally:
                 queue.in_flight -= 1
                 self._delivering.discard(task)
+
+    async def _release(self, qid: str) -> None:
+        """A delivery cut off by stop or reload: make the message due again at once, so that
+        it does not sit in active/ until the next start. Best effort: it may be gone already."""
+        with contextlib.suppress(SpoolError):
+            await self._spool.defer(
+                qid,
+                reply="451 4.3.2 delivery interrupted (relay stopping or reloading)",
+                next_attempt=time.time(),
+            )
 
     async def _deliver(self, queue: _RouteQueue, qid: str) -> None:
         entry = await self._spool.claim(qid)

@@ -1,4 +1,6 @@
-"""Crash safety: SIGKILL `relay serve` in the middle of a burst, restart it, and account for
+"""`relay serve` as a process: SIGKILL mid-burst, SIGTERM with deliveries in flight, SIGHUP.
+
+Crash safety: SIGKILL `relay serve` in the middle of a burst, restart it, and account for
 every message.
 
 The promise: a message that got `250` reaches Exchange; a message whose data the client had
@@ -48,7 +50,13 @@ def free_port() -> int:
 
 
 def write_config(
-    emulator: Emulator, sample: SampleTenant, tmp: Path, port: int, connections: int = 3
+    emulator: Emulator,
+    sample: SampleTenant,
+    tmp: Path,
+    port: int,
+    connections: int = 3,
+    mailbox: str | None = None,
+    log_level: str = "WARNING",
 ) -> Path:
     config = {
         "listen": [{"address": f"127.0.0.1:{port}"}],
@@ -66,12 +74,13 @@ def write_config(
             {
                 "name": "default",
                 "account": "contoso",
-                "mailbox": sample.mailbox,
+                "mailbox": mailbox or sample.mailbox,
+                "sender": "rewrite",
                 "rate": "10000/min",
                 "connections": connections,
             }
         ],
-        "log": {"level": "WARNING"},
+        "log": {"level": log_level},
     }
     path = tmp / "relay.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -259,3 +268,36 @@ async def test_sigterm_finishes_deliveries_in_flight_and_keeps_the_rest(
         proc.send_signal(signal.SIGTERM)
         assert await proc.wait() == 0
     assert b"Subject: waiting" in emulator.smtp.messages[1].data
+
+
+async def test_sighup_applies_a_good_config_and_keeps_the_running_one_on_a_bad_one(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path
+) -> None:
+    """Reload with the route moved to the shared mailbox: new mail goes out as it. Then a
+    broken file: the error is logged with its place, and the relay goes on as it was."""
+    port = free_port()
+    config = write_config(emulator, sample, tmp_path, port, log_level="INFO")
+    log = tmp_path / "relay.log"
+    proc = await start_relay(config, port, log)
+    try:
+        assert await smtp_send(port, "before") == 250
+        await emulator.smtp.wait_for_messages(1)
+        write_config(
+            emulator, sample, tmp_path, port, mailbox=sample.shared_mailbox, log_level="INFO"
+        )
+        proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: b"configuration reloaded" in log.read_bytes())
+        assert await smtp_send(port, "after") == 250
+        await emulator.smtp.wait_for_messages(2)
+        config.write_text(config.read_text().replace("routes:", "routez:"))
+        proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: b"reload refused" in log.read_bytes())
+        assert await smtp_send(port, "still") == 250
+        await emulator.smtp.wait_for_messages(3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+    mailboxes = [m.mailbox for m in emulator.smtp.messages]
+    assert mailboxes == [sample.mailbox, sample.shared_mailbox, sample.shared_mailbox]
+    refused = next(line for line in log.read_text().splitlines() if "reload refused" in line)
+    assert "relay.yaml:" in refused and "routez" in refused
