@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from relay.queuecmd import add_arguments as add_queue_arguments
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
@@ -54,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Graph port (default: the one after --https-port, or any free port if that is 0)",
     )
 
+    queue = sub.add_parser(
+        "queue", help="list, show, retry, hold, delete or bounce queued mail (while serve runs)"
+    )
+    add_queue_arguments(queue)
+
     sub.add_parser(
         "hash-password",
         help="read a password (twice at a terminal, one line from a pipe) and print its hash "
@@ -88,6 +95,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from relay.testing.run import run_emulator
 
         return await run_emulator(args)
+    if args.command == "queue":
+        from relay.queuecmd import run_queue
+
+        return await run_queue(args)
     if args.command == "hash-password":
         from relay.passwords import run_hash_password
 
