@@ -88,15 +88,16 @@ class RelayIntake:
         except SpoolError:
             log.exception("spool write failed: refusing a message from %s", client.address)
             raise IntakeRefused(SPOOL_FAILED) from None
-        for qid, (envelope, blob) in zip(qids, items, strict=True):
+        for qid, split, (envelope, blob) in zip(qids, splits, items, strict=True):
             log.info(
-                "%s: received from=<%s> to=%s client=%s%s route=%s size=%d",
+                "%s: route=%s mailbox=%s received from=<%s> to=%s client=%s%s size=%d",
                 qid,
+                envelope.route,
+                split.route.mailbox,
                 envelope.mail_from,
                 ",".join(envelope.rcpt_tos),
                 client.address,
                 f" user={client.user}" if client.user else "",
-                envelope.route,
                 len(blob),
             )
             self._metrics.received(envelope.route)
