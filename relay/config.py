@@ -395,6 +395,10 @@ class InboundConfig:
     deliver: Mapping[str, object] = field(default_factory=dict)
     after: AfterImport = AfterImport.MARK_READ
     move_to: str | None = None
+    # match: which messages to import (any-of within a list, case-insensitive globs; empty = any).
+    senders: tuple[str, ...] = ()  # on the From address
+    subjects: tuple[str, ...] = ()  # on the subject
+    max_size: int | None = None  # bigger messages are quarantined (left in the mailbox)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1364,8 +1368,21 @@ def _inbound(at: _At, accounts: Mapping[str, AccountConfig]) -> tuple[InboundCon
     return tuple(imports)
 
 
+_INBOUND_KEYS = (
+    "name",
+    "account",
+    "mailbox",
+    "folder",
+    "poll_interval",
+    "deliver",
+    "after",
+    "match",
+    "max_size",
+)
+
+
 def _one_inbound(at: _At, accounts: Mapping[str, AccountConfig]) -> InboundConfig:
-    m = at.mapping(("name", "account", "mailbox", "folder", "poll_interval", "deliver", "after"))
+    m = at.mapping(_INBOUND_KEYS)
     kw: dict[str, Any] = {
         "name": _name(m.require("name", hint="used in logs and for its state")),
         "account": _reference(m.require("account"), accounts, "account", "accounts"),
@@ -1376,6 +1393,10 @@ def _one_inbound(at: _At, accounts: Mapping[str, AccountConfig]) -> InboundConfi
     }
     m.put(kw, "folder", _At.string)
     m.put(kw, "poll_interval", _duration)
+    m.put(kw, "max_size", _size)
+    match = m.get("match")
+    if match is not None:
+        kw.update(_inbound_match(match))
     after = m.get("after")
     if after is not None:
         kw["after"], kw["move_to"] = _after(after)
@@ -1398,6 +1419,14 @@ def _check_delegated(at: _At, account: AccountConfig, mailbox: str, does: str) -
             "that mailbox",
             hint=f"use mailbox {user}, or an account with app-only access for {mailbox}",
         )
+
+
+def _inbound_match(at: _At) -> dict[str, tuple[str, ...]]:
+    m = at.mapping(("sender", "subject"))
+    kw: dict[str, tuple[str, ...]] = {}
+    m.put(kw, "sender", lambda a: a.one_or_more(_pattern), "senders")
+    m.put(kw, "subject", lambda a: a.one_or_more(_At.string), "subjects")
+    return kw
 
 
 def _deliver(at: _At) -> Mapping[str, object]:

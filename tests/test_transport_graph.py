@@ -26,6 +26,7 @@ from relay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from relay.graphapi import MAPPED_EXCEPTIONS, map_http_error, mapping_for
 from relay.identity import GRAPH_SCOPE
 from relay.reply import Reply
 from relay.testing.directory import MAIL_READWRITE
@@ -33,13 +34,10 @@ from relay.testing.graph import SendRoute
 from relay.testing.tokens import EXCHANGE_AUDIENCE
 from relay.transports import OutgoingMessage
 from relay.transports.graph import (
-    MAPPED_EXCEPTIONS,
     MAX_REQUEST_BYTES,
     GraphTransport,
     graph_failure,
     graph_save_to_sent_items_note,
-    map_http_error,
-    mapping_for,
     plan_draft,
     with_envelope_bcc,
 )

@@ -6,7 +6,8 @@ recipient (Graph takes or refuses a message as a whole, `202 Accepted`), or rais
 
   * `TemporaryFailure` for throttling (429) and service trouble (5xx), with `retry_after` from
     Graph's Retry-After; `UpstreamUnavailable` / `UpstreamTimeout` for network errors and
-    timeouts (every aiohttp exception is mapped by `map_http_error`, and by nothing else);
+    timeouts (every aiohttp exception is mapped by `relay.graphapi.map_http_error`, and by
+    nothing else);
   * `TokenRejected` when Graph refuses the token twice (401) or the app lacks the permission
     (403 ErrorAccessDenied), and `TemporaryFailure` when the mailbox itself is unknown: the fix
     is an operator's, so the mail waits;
@@ -27,11 +28,12 @@ How a message goes (reference §6.1):
      `POST …/messages/{id}/send`. Exchange keeps a sent draft in Sent Items whatever the route
      says. A draft left by a failed attempt is deleted (best effort).
 
-Inside one attempt: a 401 is retried once with a fresh token (`tokens.invalidate`), and a 429 or
-503 whose Retry-After is at most `MAX_RETRY_WAIT` is waited out up to `THROTTLE_RETRIES` times
-(so a draft is not abandoned halfway for a short wait); a longer or repeated one ends the attempt
-with `TemporaryFailure(retry_after=…)` for the scheduler. At most `max_concurrency` requests are
-in flight per transport, that is per mailbox (Graph allows 4; the 5th gets 429).
+Inside one attempt (`relay.graphapi.GraphClient`): a 401 is retried once with a fresh token, and
+a 429 or 503 whose Retry-After is at most `MAX_RETRY_WAIT` is waited out up to
+`THROTTLE_RETRIES` times (so a draft is not abandoned halfway for a short wait); a longer or
+repeated one ends the attempt with `TemporaryFailure(retry_after=…)` for the scheduler. At most
+`max_concurrency` requests are in flight per transport, that is per mailbox (Graph allows 4; the
+5th gets 429).
 """
 
 from __future__ import annotations
@@ -39,10 +41,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import io
 import json
 import logging
-import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,21 +54,13 @@ from enum import Enum
 from urllib.parse import quote
 
 import aiohttp
-from aiohttp import http_exceptions, http_websocket, streams
-from yarl import URL
 
 from relay.config import RouteConfig
 from relay.config import Transport as TransportKind
-from relay.errors import (
-    DeliveryError,
-    PermanentFailure,
-    TemporaryFailure,
-    TokenRejected,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from relay.errors import DeliveryError, PermanentFailure, TemporaryFailure, TokenRejected
+from relay.graphapi import TIMEOUT, Answer, GraphClient, error_of, is_retryable, retry_after_seconds
 from relay.headerblock import HeaderBlock, fold
-from relay.identity import GRAPH_SCOPE, TokenProvider
+from relay.identity import TokenProvider
 from relay.reply import Reply
 from relay.transports import Delivered, OutgoingMessage
 
@@ -77,32 +69,9 @@ log = logging.getLogger("relay.transports.graph")
 MAX_REQUEST_BYTES = 4_000_000  # Graph refuses request bodies over "4MB" (§6.1); kept decimal
 UPLOAD_SESSION_MIN = 3_000_000  # attachments this big go through an upload session (§6.1)
 UPLOAD_CHUNK = 3 * 1024 * 1024  # bytes per PUT to an upload URL; Graph takes up to 4 MB
-THROTTLE_RETRIES = 3  # 429/503 waited out within one attempt
-MAX_RETRY_WAIT = 30.0  # seconds; a longer Retry-After goes back to the scheduler
-MAX_ERROR_TEXT = 300  # characters of Graph's error message kept in a reply
-TIMEOUT = 120.0  # seconds waiting for an answer to one request
-CONNECT_TIMEOUT = 30.0  # seconds to connect (TCP and TLS)
-MAX_REQUEST_TIME = 600.0  # seconds for one whole request (≤ 4 MB): a stalled upload ends
 
 # MIME parsed and written back with CRLF and without refolding the headers it came with.
 _MIME_POLICY = policy.SMTP.clone(refold_source="none")
-
-# Foreign exceptions, mapped at the boundary: the first row whose class matches decides.
-_TLS = "TLS with Graph failed"
-_UNREACHABLE = "Graph unreachable"
-EXCEPTION_MAP: tuple[tuple[type[BaseException], type[DeliveryError], str, str], ...] = (
-    (TimeoutError, UpstreamTimeout, "4.4.2", "Graph timed out"),
-    (aiohttp.ClientSSLError, UpstreamUnavailable, "4.7.5", _TLS),
-    (ssl.SSLError, UpstreamUnavailable, "4.7.5", _TLS),
-    (aiohttp.ClientError, UpstreamUnavailable, "4.4.1", _UNREACHABLE),
-    (OSError, UpstreamUnavailable, "4.4.1", _UNREACHABLE),
-    (http_exceptions.HttpProcessingError, UpstreamUnavailable, "4.4.1", _UNREACHABLE),
-    (streams.EofStream, UpstreamUnavailable, "4.4.1", _UNREACHABLE),
-    (http_websocket.WebSocketError, UpstreamUnavailable, "4.4.1", _UNREACHABLE),
-    (http_websocket.WSHandshakeError, UpstreamUnavailable, "4.4.1", _UNREACHABLE),
-    (aiohttp.WSMessageTypeError, UpstreamUnavailable, "4.4.1", _UNREACHABLE),
-)
-MAPPED_EXCEPTIONS = tuple(row[0] for row in EXCEPTION_MAP)
 
 # Graph codes meaning the message cannot be sent as it is, with their RFC 3463 status.
 _PERMANENT_STATUS: Mapping[str, str] = {
@@ -114,49 +83,15 @@ _PERMANENT_STATUS: Mapping[str, str] = {
 }
 # Graph codes about the mailbox or account, not the message: the mail waits for an operator.
 _MAILBOX_PROBLEMS = frozenset({"ErrorInvalidUser", "MailboxNotEnabledForRESTAPI"})
-_RETRYABLE_STATUS = frozenset({408, 429})  # and every 5xx
-
-
-def _scrub(text: str) -> str:
-    """No query strings in replies and logs: an upload URL carries its own credential."""
-    return re.sub(r"\?[^\s'\"]*", "?…", text)
-
-
-def mapping_for(
-    kind: type[BaseException],
-) -> tuple[type[BaseException], type[DeliveryError], str, str] | None:
-    return next((row for row in EXCEPTION_MAP if issubclass(kind, row[0])), None)
-
-
-def map_http_error(exc: BaseException) -> DeliveryError:
-    """The one mapping from what aiohttp (and the socket under it) raises to our tree."""
-    if isinstance(exc, DeliveryError):
-        return exc
-    row = mapping_for(type(exc))
-    if row is None:
-        raise exc
-    _, error, status, what = row
-    return error(Reply(451, status, _scrub(f"{what}: {type(exc).__name__}: {exc}")))
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 def graph_failure(status: int, body: bytes, retry_after: str | None) -> DeliveryError:
     """What a non-2xx Graph answer means for the message (see the module docstring)."""
-    try:
-        error = json.loads(body)["error"]
-        code, message = str(error.get("code", "")), str(error.get("message", ""))
-    except (ValueError, TypeError, KeyError, AttributeError):
-        code, message = "", ""
-    text = f"Graph {status} {code}: {message[:MAX_ERROR_TEXT]}" if code else f"Graph {status}"
-    if status in _RETRYABLE_STATUS or status >= 500:
+    code, message = error_of(body)
+    text = Answer(status, body, retry_after).describe()
+    if is_retryable(status):
         reply = Reply(451, "4.3.2" if status == 429 else "4.3.0", text)
-        return TemporaryFailure(reply, retry_after=_retry_after(retry_after))
+        return TemporaryFailure(reply, retry_after=retry_after_seconds(retry_after))
     if status == 401 or code == "ErrorAccessDenied":
         return TokenRejected(Reply(454, "4.7.0", text))
     if code in _MAILBOX_PROBLEMS or code == "ErrorItemNotFound":
@@ -362,25 +297,6 @@ def graph_save_to_sent_items_note(route: RouteConfig) -> str | None:
 # -- the transport -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Answer:
-    status: int
-    body: bytes
-    retry_after: str | None
-
-    def field(self, name: str) -> str:
-        """A string property of a JSON answer, or a temporary failure naming what is missing."""
-        try:
-            value = json.loads(self.body)[name]
-        except (ValueError, TypeError, KeyError):
-            value = None
-        if not isinstance(value, str):
-            raise TemporaryFailure(
-                Reply(451, "4.3.0", f"Graph answered {self.status} without {name!r}")
-            )
-        return value
-
-
 class TransportState(Enum):
     OPEN = "open"
     CLOSED = "closed"
@@ -405,22 +321,20 @@ class GraphTransport:
     ) -> None:
         self.mailbox = mailbox
         self.save_to_sent_items = save_to_sent_items
-        self._user_url = f"{graph_url.rstrip('/')}/users/{quote(mailbox, safe='@')}"
-        self._tokens = tokens
-        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
-        self._limit = max_concurrency
-        self._slots = asyncio.Semaphore(max_concurrency)
-        self._in_flight = 0
-        self._session = session
-        self._owns_session = session is None
-        self._timeout = aiohttp.ClientTimeout(
-            total=MAX_REQUEST_TIME, sock_connect=min(CONNECT_TIMEOUT, timeout), sock_read=timeout
+        self._graph = GraphClient(
+            mailbox=mailbox,
+            graph_url=graph_url,
+            tokens=tokens,
+            ssl_context=ssl_context,
+            max_concurrency=max_concurrency,
+            session=session,
+            timeout=timeout,
         )
         self.state = TransportState.OPEN
 
     def __repr__(self) -> str:
         return (
-            f"<GraphTransport {self.mailbox} in_flight={self._in_flight}/{self._limit}"
+            f"<GraphTransport {self.mailbox} in_flight={self._graph.in_flight}/{self._graph.limit}"
             f" save_to_sent_items={self.save_to_sent_items} {self.state.value}>"
         )
 
@@ -432,9 +346,7 @@ class GraphTransport:
 
     async def aclose(self) -> None:
         self.state = TransportState.CLOSED
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-        self._session = None
+        await self._graph.aclose()
 
     async def send(self, message: OutgoingMessage) -> Delivered:
         if self.state is TransportState.CLOSED:
@@ -499,7 +411,7 @@ class GraphTransport:
 
     async def _discard(self, draft: str) -> None:
         try:
-            answer = await self._once("DELETE", draft, b"", None, authorized=True, headers={})
+            answer = await self._graph.once("DELETE", draft, b"", None)
         except DeliveryError as failed:
             log.warning("graph %s: could not delete an unsent draft: %s", self.mailbox, failed)
             return
@@ -509,7 +421,7 @@ class GraphTransport:
             )
 
     def _url(self, path: str) -> str:
-        return self._user_url + path
+        return self._graph.user_url + path
 
     async def _call(
         self,
@@ -520,72 +432,11 @@ class GraphTransport:
         *,
         authorized: bool = True,
         headers: Mapping[str, str] | None = None,
-    ) -> _Answer:
-        """One Graph request, with the retries an attempt makes (see the module docstring)."""
-        refreshed = False
-        waits = 0
-        while True:
-            answer = await self._once(
-                method, url, body, content_type, authorized=authorized, headers=headers or {}
-            )
-            if answer.status < 300:
-                return answer
-            failure = graph_failure(answer.status, answer.body, answer.retry_after)
-            if answer.status == 401 and authorized and not refreshed:
-                self._tokens.invalidate(GRAPH_SCOPE)
-                refreshed = True
-                continue
-            wait = failure.retry_after
-            if wait is not None and wait <= MAX_RETRY_WAIT and waits < THROTTLE_RETRIES:
-                waits += 1
-                log.info(
-                    "graph %s: %s %s answered %d, retrying in %gs",
-                    self.mailbox,
-                    method,
-                    URL(url).path,
-                    answer.status,
-                    wait,
-                )
-                await asyncio.sleep(wait)
-                continue
-            raise failure
-
-    async def _once(
-        self,
-        method: str,
-        url: str,
-        body: bytes,
-        content_type: str | None,
-        *,
-        authorized: bool,
-        headers: Mapping[str, str],
-    ) -> _Answer:
-        request_headers = dict(headers)
-        if content_type is not None:
-            request_headers["Content-Type"] = content_type
-        if authorized:
-            request_headers["Authorization"] = f"Bearer {await self._tokens.token(GRAPH_SCOPE)}"
-        session = self._session_for_requests()
-        async with self._slots:
-            self._in_flight += 1
-            try:
-                async with session.request(
-                    method,
-                    url,
-                    data=io.BytesIO(body) if body else None,  # aiohttp warns on big raw bytes
-                    headers=request_headers,
-                    ssl=self._ssl,
-                    timeout=self._timeout,
-                ) as response:
-                    return _Answer(
-                        response.status, await response.read(), response.headers.get("Retry-After")
-                    )
-            except MAPPED_EXCEPTIONS as exc:
-                raise map_http_error(exc) from exc
-            finally:
-                self._in_flight -= 1
-
-    def _session_for_requests(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        return self._session
+    ) -> Answer:
+        """One Graph request (with the client's retries); a refusal raises what it means."""
+        answer = await self._graph.request(
+            method, url, body, content_type, authorized=authorized, headers=headers
+        )
+        if answer.status >= 300:
+            raise graph_failure(answer.status, answer.body, answer.retry_after)
+        return answer
