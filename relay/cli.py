@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_queue_arguments(queue)
 
+    doctor = sub.add_parser(
+        "doctor",
+        help="check each account against Microsoft: token, SMTP AUTH, send-as, Graph "
+        "permissions; say what to fix",
+    )
+    doctor.add_argument("--config", "-c", type=Path, default=Path("relay.yaml"))
+    doctor.add_argument(
+        "--send-test",
+        metavar="ADDRESS",
+        help="also send a test message to ADDRESS through each route (and each send_as address)",
+    )
+
     sub.add_parser(
         "hash-password",
         help="read a password (twice at a terminal, one line from a pipe) and print its hash "
@@ -99,6 +111,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from relay.queuecmd import run_queue
 
         return await run_queue(args)
+    if args.command == "doctor":
+        from relay.doctor import run_doctor
+
+        return await run_doctor(args)
     if args.command == "hash-password":
         from relay.passwords import run_hash_password
 

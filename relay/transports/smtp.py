@@ -158,6 +158,16 @@ class SmtpTransport:
             self._idle.append(conn)
             return delivered
 
+    async def check_login(self) -> None:
+        """Connect, STARTTLS and AUTH as the mailbox, then QUIT, sending nothing (`relay
+        doctor`). Raises what `send` raises for the same trouble."""
+        async with self._slots:
+            try:
+                conn = await self._connect()
+            except Exception as exc:
+                raise map_smtp_error(exc) from None
+            await _quietly_close(conn)
+
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
         while self._idle:
