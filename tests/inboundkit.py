@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
-from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,7 @@ def mail(n: int, *, sender: str = "Ops <ops@example.org>", subject: str | None =
     message["From"] = sender
     message["To"] = "Helpdesk <relay@contoso.com>"
     message["Subject"] = subject if subject is not None else f"Ticket {n}"
-    message["Date"] = formatdate()
+    message["Date"] = "Mon, 02 Mar 2026 08:15:00 +0000"
     message["Message-ID"] = f"<ticket-{n}@app.example.org>"
     message.set_content(body or f"Pump {n} needs a look.\n")
     return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
@@ -149,7 +148,6 @@ async def smtp_receiver() -> AsyncIterator[SmtpReceiver]:
         yield receiver
     finally:
         server.close()
-        server.close_clients()
         await server.wait_closed()
 
 
@@ -164,12 +162,15 @@ class HttpReceiver:
     url: str = ""
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
+    retry_after: str | None = None  # sent with those answers
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         if self.statuses:
             status = self.statuses.pop(0)
-            return web.Response(status=status, text=f"answer {status}\nfrom the app")
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return web.Response(status=status, text=f"answer {status}\nfrom the app",
+                                headers=headers)  # fmt: skip
         self.received.append((dict(request.headers), body))
         return web.Response(status=204)
 

@@ -3,6 +3,7 @@ action, filters, and the lifecycle."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 
@@ -10,8 +11,20 @@ import pytest
 from inboundkit import importer, inbound, mail, maildir_files, message_id
 from relaykit import secret_account, wait_until
 
-from relay.config import AfterImport
+from relay.config import (
+    CLOUD_ENDPOINTS,
+    AccountConfig,
+    AfterImport,
+    Cloud,
+    Config,
+    Credential,
+    CredentialKind,
+    InboundConfig,
+    Secret,
+    SpoolConfig,
+)
 from relay.identity import MsalTokenProvider
+from relay.inbound import build_importers
 from relay.inbound.importer import Outcome
 from relay.testing.emulator import Emulator, SampleTenant
 
@@ -149,3 +162,151 @@ async def test_after_mark_read_with_the_real_token_provider(
         await imp.stop()
     assert [m.is_read for m in emulator.graph.messages(sample.mailbox, "inbox")] == [True] * 5
     assert tokens.requests == 1
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+
+async def test_lifecycle_is_guarded_and_printed(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path
+) -> None:
+    emulator.graph.deliver(sample.mailbox, mail(1))
+    imp = importer(emulator, sample, inbound(sample, {"maildir": tmp_path / "box"}),
+                   tmp_path / "state.db")  # fmt: skip
+    assert repr(imp) == "<Importer helpdesk relay@contoso.com/inbox -> maildir new rounds=0>"
+    with pytest.raises(RuntimeError, match="importer helpdesk is new"):
+        imp.poll()
+    await imp.start()
+    with pytest.raises(RuntimeError, match="importer helpdesk is running; it starts only once"):
+        await imp.start()
+    await imp.poll()
+    assert repr(imp) == (
+        "<Importer helpdesk relay@contoso.com/inbox -> maildir running rounds=1 last: imported=1"
+        " deferred=0 quarantined=0 gone=0 filtered=0 full>"
+    )
+    await imp.stop()
+    await imp.stop()
+    assert repr(imp).startswith("<Importer helpdesk relay@contoso.com/inbox -> maildir stopped")
+    with pytest.raises(RuntimeError, match="importer helpdesk is stopped; it starts only once"):
+        await imp.start()
+    with pytest.raises(RuntimeError, match="importer helpdesk is stopped"):
+        imp.poll()
+
+
+async def test_stop_before_start(emulator: Emulator, sample: SampleTenant, tmp_path: Path) -> None:
+    imp = importer(emulator, sample, inbound(sample, {"maildir": tmp_path / "box"}),
+                   tmp_path / "state.db")  # fmt: skip
+    await imp.stop()
+    assert imp.state.value == "stopped" and not (tmp_path / "state.db").exists()
+
+
+async def test_stop_cancels_what_is_in_flight_after_grace_and_a_restart_finishes(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path
+) -> None:
+    """Graph holds every request: stop(grace=0) cancels the round (polls waiting for it and
+    for the next get an error), and a new importer on the same state imports each message
+    once."""
+    for n in range(10):
+        emulator.graph.deliver(sample.mailbox, mail(n))
+    config = inbound(sample, {"maildir": tmp_path / "box"})
+    hold = emulator.graph.hold(sample.mailbox)
+    imp = importer(emulator, sample, config, tmp_path / "state.db", page_size=4)
+    await imp.start()
+    waiting = imp.poll()
+    await hold.arrived(1)
+    later = imp.poll()
+    await imp.stop(grace=0)
+    for poll in (waiting, later):
+        with pytest.raises(RuntimeError, match="importer helpdesk stopped"):
+            await poll
+    hold.release()
+    again = importer(emulator, sample, config, tmp_path / "state.db", page_size=4)
+    await again.start()
+    try:
+        report = await again.poll()
+    finally:
+        await again.stop()
+    assert report.counts == counts(imported=10)
+    ids = Counter(message_id(p.read_bytes()) for p in maildir_files(tmp_path / "box"))
+    assert ids == Counter(f"<ticket-{n}@app.example.org>" for n in range(10))
+
+
+async def test_stop_lets_messages_in_flight_finish_and_starts_no_others(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path
+) -> None:
+    """Two workers, twenty messages: stop while two fetches are held at Graph. Those two are
+    delivered and marked read; no other starts and no delta link is saved; the next start
+    imports the other eighteen, and nothing twice."""
+    for n in range(20):
+        emulator.graph.deliver(sample.mailbox, mail(n))
+    config = inbound(sample, {"maildir": tmp_path / "box"})
+    listing = emulator.graph.hold(sample.mailbox)
+    imp = importer(emulator, sample, config, tmp_path / "state.db", workers=2)
+    await imp.start()
+    polling = imp.poll()
+    await listing.arrived(1)
+    fetches = emulator.graph.hold(sample.mailbox)  # for the requests after the listing
+    listing.release()
+    await fetches.arrived(2)
+    stopping = asyncio.create_task(imp.stop(grace=30))
+    await wait_until(lambda: imp.state.value == "stopped")
+    fetches.release()
+    await stopping
+    report = await polling
+    assert (report.counts, report.error) == (counts(imported=2), None)
+    assert sum(m.is_read for m in emulator.graph.messages(sample.mailbox)) == 2
+    again = importer(emulator, sample, config, tmp_path / "state.db")
+    await again.start()
+    try:
+        assert (await again.poll()).counts == counts(imported=18)
+    finally:
+        await again.stop()
+    ids = Counter(message_id(p.read_bytes()) for p in maildir_files(tmp_path / "box"))
+    assert ids == Counter(f"<ticket-{n}@app.example.org>" for n in range(20))
+
+
+def test_build_importers_one_per_entry_sharing_each_mailbox(tmp_path: Path) -> None:
+    """Two imports of one mailbox share Graph's 4 requests; state files go under the spool."""
+    account = AccountConfig(
+        name="contoso",
+        cloud=Cloud.GLOBAL,
+        tenant_id="6f3b9c2e-41d7-4a58-9c0e-2d7f5b1a8e34",
+        client_id="0e8f4a6d-93b2-4c71-a5d8-7b1e2f9c3a60",
+        credential=Credential(kind=CredentialKind.SECRET, secret=Secret("s")),
+        endpoints=CLOUD_ENDPOINTS[Cloud.GLOBAL],
+    )
+    entries = tuple(
+        InboundConfig(
+            name=name,
+            account="contoso",
+            mailbox=mailbox,
+            folder=folder,
+            deliver={"maildir": tmp_path / name},
+        )
+        for name, mailbox, folder in [
+            ("helpdesk", "help@contoso.com", "inbox"),
+            ("invoices", "Help@contoso.com", "Invoices"),
+            ("alerts", "alerts@contoso.com", "inbox"),
+        ]
+    )
+    config = Config(listeners=(), accounts={"contoso": account}, routes=(), inbound=entries,
+                    spool=SpoolConfig(path=tmp_path / "spool"))  # fmt: skip
+    importers = build_importers(config, {"contoso": IssuerTokensStub()})
+    assert [repr(i) for i in importers] == [
+        "<Importer helpdesk help@contoso.com/inbox -> maildir new rounds=0>",
+        "<Importer invoices Help@contoso.com/Invoices -> maildir new rounds=0>",
+        "<Importer alerts alerts@contoso.com/inbox -> maildir new rounds=0>",
+    ]
+    assert [(i.max_concurrency, i.state_path) for i in importers] == [
+        (2, tmp_path / "spool" / "inbound" / "helpdesk.sqlite3"),
+        (2, tmp_path / "spool" / "inbound" / "invoices.sqlite3"),
+        (4, tmp_path / "spool" / "inbound" / "alerts.sqlite3"),
+    ]
+
+
+class IssuerTokensStub:
+    async def token(self, scope: str) -> str:
+        raise AssertionError("no request is made")
+
+    def invalidate(self, scope: str) -> None:
+        raise AssertionError("no request is made")

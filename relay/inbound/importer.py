@@ -210,7 +210,8 @@ class Importer:
         self.state = ImporterState.NEW
         self.rounds = 0
         self.last: RoundReport | None = None
-        self._state_path = state_path
+        self.state_path = state_path
+        self.max_concurrency = max_concurrency
         self._sink = sink or make_sink(config.deliver, inbound=config.name, mailbox=config.mailbox)
         self._graph = GraphClient(
             mailbox=config.mailbox,
@@ -228,7 +229,8 @@ class Importer:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._waiters: list[asyncio.Future[RoundReport]] = []
+        self._waiters: list[asyncio.Future[RoundReport]] = []  # for the next round
+        self._serving: list[asyncio.Future[RoundReport]] = []  # for the round in progress
         self._folders: dict[str, str] = {}  # folder path -> id, found or made this run
         self._folder_lock = asyncio.Lock()
 
@@ -251,7 +253,7 @@ class Importer:
         self.state = ImporterState.RUNNING
         try:
             source = f"{self.config.mailbox.lower()}/{self.config.folder.lower()}"
-            self._store = await ImportState.open(self._state_path, source=source)
+            self._store = await ImportState.open(self.state_path, source=source)
             await self._sink.open()
         except BaseException:
             self.state = ImporterState.STOPPED
@@ -279,7 +281,7 @@ class Importer:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for waiter in self._waiters:
+        for waiter in (*self._serving, *self._waiters):
             if not waiter.done():
                 waiter.set_exception(RuntimeError(f"importer {self.config.name} stopped"))
         await self._close()
@@ -294,25 +296,27 @@ class Importer:
             except Exception:
                 log.exception("inbound %s: error while closing; going on", self.config.name)
 
-    async def poll(self) -> RoundReport:
-        """Run a round now (after the one in progress, if any) and give its report."""
+    def poll(self) -> asyncio.Future[RoundReport]:
+        """Ask for a round now; the future gives the report of the first round that starts
+        after this call (the one in progress, if any, is finished first)."""
         if self.state is not ImporterState.RUNNING:
             raise RuntimeError(f"importer {self.config.name} is {self.state.value}")
         waiter: asyncio.Future[RoundReport] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._wake.set()
-        return await waiter
+        return waiter
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():
-            waiters, self._waiters = self._waiters, []
+            self._serving, self._waiters = self._waiters, []
             self._wake.clear()
             report = await self._guarded_round()
             self.rounds += 1
             self.last = report
-            for waiter in waiters:
+            for waiter in self._serving:
                 if not waiter.done():
                     waiter.set_result(report)
+            self._serving = []
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.poll_interval):
                     await self._wake.wait()
@@ -341,6 +345,9 @@ class Importer:
 
             async def spawn(work: _Work) -> None:
                 await self._workers.acquire()
+                if self._stopping.is_set():  # stopped while waiting for a worker
+                    self._workers.release()
+                    return
                 tasks.create_task(self._counted(work, report))
 
             for record in await store.due(time.time()):
@@ -401,6 +408,8 @@ class Importer:
             if not isinstance(items, list):
                 raise TemporaryFailure(Reply(451, "4.3.0", "Graph's delta page has no value"))
             await self._page(items, spawn, report, listed)
+            if self._stopping.is_set():
+                return None  # the page was cut short: its delta link must not be saved
             next_link, delta_link = page.get("@odata.nextLink"), page.get("@odata.deltaLink")
             if isinstance(next_link, str):
                 link = next_link
