@@ -230,18 +230,24 @@ class Scheduler:
             except SpoolError:
                 log.exception("%s: spool error during delivery; retrying later", got)
                 queue.add(got, time.time() + self._policy.retry[0])
+            except Exception:
+                # A bug must not take the route's worker with it, nor leave the mail in active/.
+                log.exception("%s: unexpected error during delivery; retrying later", got)
+                await self._release(got, delay=self._policy.retry[0])
+                queue.add(got, time.time() + self._policy.retry[0])
             finally:
                 queue.in_flight -= 1
                 self._delivering.discard(task)
 
-    async def _release(self, qid: str) -> None:
-        """A delivery cut off by stop or reload: make the message due again at once, so that
-        it does not sit in active/ until the next start. Best effort: it may be gone already."""
+    async def _release(self, qid: str, *, delay: float = 0.0) -> None:
+        """A delivery cut off (by stop, reload or an error of ours): make the message due again
+        after `delay`, so that it does not sit in active/ until the next start. Best effort: it
+        may be gone already."""
         with contextlib.suppress(SpoolError):
             await self._spool.defer(
                 qid,
-                reply="451 4.3.2 delivery interrupted (relay stopping or reloading)",
-                next_attempt=time.time(),
+                reply="451 4.3.0 delivery interrupted (relay stopping, reloading or failing)",
+                next_attempt=time.time() + delay,
             )
 
     async def _deliver(self, queue: _RouteQueue, qid: str) -> None:

@@ -6,12 +6,17 @@ tested end to end in test_relay.py.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
-from relay.config import Rate, RouteConfig
-from relay.scheduler import ROUTE_BACKOFF_START, Pacer, RouteRuntime, _RouteQueue
+from relay.config import Rate, RouteConfig, SpoolConfig
+from relay.reply import Reply
+from relay.scheduler import ROUTE_BACKOFF_START, Pacer, RouteRuntime, Scheduler, _RouteQueue
+from relay.spool import Envelope, Spool
+from relay.transports import Delivered, OutgoingMessage
 
 
 class Clock:
@@ -76,3 +81,46 @@ def test_route_backs_off_while_its_upstream_is_down() -> None:
     assert q.backoff == 8.0  # doubles, capped at the first retry interval
     q.healthy()
     assert q.take(time.time()) == "m"
+
+
+class FlakyTransport:
+    """Raises a plain bug the first time, then accepts everything."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.sent = asyncio.Event()
+
+    async def send(self, message: OutgoingMessage) -> Delivered:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug in a transport")
+        self.sent.set()
+        return Delivered(reply=Reply(250, "2.0.0", "OK"), accepted=message.rcpt_tos)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_an_unexpected_error_neither_kills_the_route_nor_strands_the_mail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    route = RouteConfig(name="r", account="a", mailbox="m@x")
+    transport = FlakyTransport()
+    runtime = RouteRuntime(config=route, transport=transport, pacer=Pacer(0.0))
+    async with await Spool.open(tmp_path / "spool", rescan_interval=None) as spool:
+        scheduler = Scheduler(
+            spool=spool, routes={"r": runtime}, policy=SpoolConfig(path=tmp_path, retry=(0.05,))
+        )
+        spool.on_ready(scheduler.submit)
+        await scheduler.start()
+        try:
+            await spool.enqueue(
+                Envelope("m@x", ("to@y",), "r", "127.0.0.1"), b"Subject: s\r\n\r\nb"
+            )
+            async with asyncio.timeout(10):
+                await transport.sent.wait()
+        finally:
+            await scheduler.stop(grace=1)
+        assert transport.calls == 2
+        assert "unexpected error during delivery; retrying later" in caplog.text
+        assert not spool.ready()
