@@ -786,7 +786,12 @@ async def run_doctor(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"relay doctor: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger("relay").setLevel(logging.CRITICAL)  # the report says it all, once
-    report = await doctor(config, send_test=args.send_test)
+    relay_log = logging.getLogger("relay")
+    level = relay_log.level
+    relay_log.setLevel(logging.CRITICAL)  # the report says it all, once
+    try:
+        report = await doctor(config, send_test=args.send_test)
+    finally:
+        relay_log.setLevel(level)
     print(report.render())
     return 1 if report.problems else 0
