@@ -93,6 +93,7 @@ class ImportState:
         self._db: sqlite3.Connection | None = None
         self._queue: list[tuple[_Write, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._closed = False
 
     def __repr__(self) -> str:
         link = "set" if self.delta_link else "none"
@@ -112,25 +113,32 @@ class ImportState:
     def _open(self, source: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("pragma journal_mode=wal")
+            db.execute("pragma synchronous=full")
+            db.executescript(SCHEMA)
+            meta = dict(db.execute("select key, value from meta").fetchall())
+            if meta.get("source") != source:
+                db.execute("begin immediate")
+                db.execute("delete from meta where key = 'delta_link'")
+                db.execute("insert or replace into meta values ('source', ?)", (source,))
+                db.execute("commit")
+                meta.pop("delta_link", None)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
-        db.execute("pragma journal_mode=wal")
-        db.execute("pragma synchronous=full")
-        db.executescript(SCHEMA)
-        meta = dict(db.execute("select key, value from meta").fetchall())
-        if meta.get("source") != source:
-            db.execute("begin immediate")
-            db.execute("delete from meta where key = 'delta_link'")
-            db.execute("insert or replace into meta values ('source', ?)", (source,))
-            db.execute("commit")
-            meta.pop("delta_link", None)
         self.delta_link = meta.get("delta_link")
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
         if self._committer is not None:
             await asyncio.shield(self._committer)
         db, self._db = self._db, None
         if db is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._closed = True
         self._executor.shutdown(wait=False)
 
     # -- reads ---------------------------------------------------------------------------------
@@ -267,12 +275,13 @@ class ImportState:
     # -- the thread ----------------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise SpoolError(f"inbound state {self.path} is closed")
+        assert self._db is not None, "opened in open()"
         return self._db
 
     async def _run(self, call: Callable[[], T]) -> T:
         """`call` in the database's thread; SQLite's errors as SpoolError."""
+        if self._closed:
+            raise SpoolError(f"inbound state {self.path} is closed")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except sqlite3.Error as exc:
