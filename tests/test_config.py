@@ -147,7 +147,7 @@ def test_the_sample_names_every_key_the_loader_knows() -> None:
         *("path", "retry", "max_age", "bounces", "authority", "smtp", "graph"),
         *("pfx_file", "passphrase", "passphrase_file", "sender", "from", "recipient", "client"),
         *("user", "folder", "poll_interval", "deliver", "after", "move_to", "format", "level"),
-        *("mark_read", "delete"),
+        *("mark_read", "delete", "match", "subject", "max_size"),
     ]
     assert [key for key in keys if not re.search(rf"\b{key}\b", sample)] == []
 
@@ -609,6 +609,34 @@ def test_inbound_after(after: str, expected: AfterImport, folder: str | None) ->
     (inbound,) = parse(text).inbound
     assert (inbound.after, inbound.move_to) == (expected, folder)
     assert (inbound.folder, inbound.poll_interval) == ("Support", 120.0)
+
+
+def test_inbound_match_and_max_size() -> None:
+    text = BASE + (
+        "inbound:\n"
+        "  - name: helpdesk\n"
+        "    account: contoso\n"
+        "    mailbox: helpdesk@contoso.com\n"
+        "    deliver: {directory: drop}\n"
+        "    match:\n"
+        '      sender: ["*@plant.contoso.com", alerts@contoso.com]\n'
+        "      subject: Ticket *\n"
+        "    max_size: 10MiB\n"
+    )
+    (inbound,) = parse(text).inbound
+    assert inbound.senders == ("*@plant.contoso.com", "alerts@contoso.com")
+    assert inbound.subjects == ("Ticket *",)
+    assert inbound.max_size == 10 * 1024 * 1024
+
+
+def test_inbound_without_match_takes_everything() -> None:
+    text = BASE + (
+        "inbound:\n"
+        "  - {name: helpdesk, account: contoso, mailbox: h@contoso.com, deliver: {maildir: m},\n"
+        "     match: {}}\n"
+    )
+    (inbound,) = parse(text).inbound
+    assert (inbound.senders, inbound.subjects, inbound.max_size) == ((), (), None)
 
 
 def test_inbound_only_needs_no_listener_or_route() -> None:
@@ -1241,6 +1269,44 @@ ROUTE_AT_12 = "relay.yaml:12: routes[0]"
             "relay.yaml:13: inbound[0].after: move_to is the folder being imported (inbox) "
             "(move messages to another folder, e.g. Imported)",
             id="move_to the same folder",
+        ),
+        pytest.param(
+            BASE + "inbound:\n  - {name: a, account: contoso, mailbox: a@contoso.com, "
+            "deliver: {maildir: m}, match: {sendr: '*@x.com'}}\n",
+            "relay.yaml:13: inbound[0].match.sendr: unknown key (did you mean 'sender'?)",
+            id="inbound match typo",
+        ),
+        pytest.param(
+            BASE + "inbound:\n  - {name: a, account: contoso, mailbox: a@contoso.com, "
+            "deliver: {maildir: m}, match: {sender: 'ops team@x.com'}}\n",
+            "relay.yaml:13: inbound[0].match.sender: a pattern has no spaces, got "
+            "'ops team@x.com' (like *@contoso.com)",
+            id="inbound sender pattern with a space",
+        ),
+        pytest.param(
+            BASE + "inbound:\n  - {name: a, account: contoso, mailbox: a@contoso.com, "
+            "deliver: {maildir: m}, match: {subject: []}}\n",
+            "relay.yaml:13: inbound[0].match.subject: empty list (remove the key to match any)",
+            id="inbound empty subject list",
+        ),
+        pytest.param(
+            BASE + "inbound:\n  - {name: a, account: contoso, mailbox: a@contoso.com, "
+            "deliver: {maildir: m}, match: {subject: ''}}\n",
+            "relay.yaml:13: inbound[0].match.subject: must not be empty",
+            id="inbound empty subject",
+        ),
+        pytest.param(
+            BASE + "inbound:\n  - {name: a, account: contoso, mailbox: a@contoso.com, "
+            "deliver: {maildir: m}, match: '*@x.com'}\n",
+            "relay.yaml:13: inbound[0].match: expected a mapping, got a string",
+            id="inbound match not a mapping",
+        ),
+        pytest.param(
+            BASE + "inbound:\n  - {name: a, account: contoso, mailbox: a@contoso.com, "
+            "deliver: {maildir: m}, max_size: 10M}\n",
+            "relay.yaml:13: inbound[0].max_size: expected a size like 35MiB, got '10M' "
+            "(write 10MiB (1024-based) or 10MB (1000-based))",
+            id="inbound max_size",
         ),
         pytest.param(
             BASE + "inbound:\n  - {name: a, account: contso, mailbox: a@contoso.com, "
