@@ -30,7 +30,7 @@ import re
 import socket
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 from enum import Enum
@@ -41,7 +41,15 @@ import aiohttp
 import jwt
 
 from relay.app import build_routes
-from relay.config import AccountConfig, Config, InboundConfig, RouteConfig, SenderPolicy, load
+from relay.config import (
+    AccountConfig,
+    Config,
+    CredentialKind,
+    InboundConfig,
+    RouteConfig,
+    SenderPolicy,
+    load,
+)
 from relay.config import Transport as TransportKind
 from relay.errors import ConfigError, DeliveryError, TokenRejected, TokenUnavailable
 from relay.identity import EXCHANGE_SCOPE, GRAPH_SCOPE, MsalTokenProvider
@@ -51,7 +59,8 @@ from relay.tls import client_context
 from relay.transports import Delivered, OutgoingMessage
 from relay.transports.smtp import SmtpTransport
 
-SMTP_SEND_AS_APP = "SMTP.SendAsApp"
+SMTP_SEND_AS_APP = "SMTP.SendAsApp"  # application permission (app-only accounts)
+SMTP_SEND = "SMTP.Send"  # delegated permission (delegated_user accounts)
 MAIL_SEND = "Mail.Send"
 MAIL_READ = "Mail.Read"
 MAIL_READWRITE = "Mail.ReadWrite"
@@ -88,6 +97,16 @@ class Ids:
     tenant_id: str
     client_id: str
     object_id: str | None = None  # the enterprise application's object id, from a token
+    delegated: bool = False  # a delegated_user account: a user's token, delegated permissions
+    account: str = ""  # the account's name in relay.yaml
+
+    @property
+    def smtp_permission(self) -> str:
+        return SMTP_SEND if self.delegated else SMTP_SEND_AS_APP
+
+    @property
+    def kind(self) -> str:
+        return "delegated" if self.delegated else "application"
 
     @property
     def sp(self) -> str:
@@ -148,17 +167,24 @@ def _sp_steps(ids: Ids, mailbox: str) -> tuple[str, ...]:
 
 def _consent_steps(ids: Ids, api: str, permissions: Sequence[str]) -> tuple[str, ...]:
     names = " and ".join(permissions)
-    return (
+    steps = (
         f"Entra admin center > App registrations > the app {ids.client_id} > API permissions >"
-        f" Add a permission > {api} > Application permissions > {names};",
+        f" Add a permission > {api} > {ids.kind.capitalize()} permissions > {names};",
         f"then 'Grant admin consent' for the tenant {ids.tenant_id}.",
     )
+    if ids.delegated:
+        steps += (f"Then sign in again: relay login {ids.account}",)
+    return steps
 
 
 def smtp_consent_steps(ids: Ids) -> tuple[str, ...]:
-    return _consent_steps(
-        ids, "APIs my organization uses > Office 365 Exchange Online", [SMTP_SEND_AS_APP]
+    # Delegated SMTP.Send is listed under Microsoft Graph; SMTP.SendAsApp under Exchange Online.
+    api = (
+        "Microsoft Graph"
+        if ids.delegated
+        else "APIs my organization uses > Office 365 Exchange Online"
     )
+    return _consent_steps(ids, api, [ids.smtp_permission])
 
 
 def graph_consent_steps(ids: Ids, permissions: Sequence[str]) -> tuple[str, ...]:
@@ -179,6 +205,12 @@ def diagnose_token(text: str, ids: Ids, account: AccountConfig) -> tuple[str, tu
     """The identity platform refused a token request (`text` carries the AADSTS code)."""
     m = _AADSTS.search(text)
     code = int(m.group(1)) if m else None
+    if "relay login" in text:
+        return (
+            "The account's user has not signed in, or must sign in again (a refresh token unused "
+            "for 90 days expires).",
+            (f"relay login {account.name} -c relay.yaml   (a device code; any browser will do)",),
+        )
     app = f"Entra admin center > App registrations > the app {ids.client_id}"
     if code == 7000215:
         return (
@@ -314,11 +346,23 @@ def diagnose_smtp(
             ),
         )
     if reply.code == 535:
-        if roles is not None and SMTP_SEND_AS_APP not in roles:
+        if roles is not None and ids.smtp_permission not in roles:
             return (
-                f"The app lacks the {SMTP_SEND_AS_APP} application permission, so Exchange "
+                f"The app lacks the {ids.smtp_permission} {ids.kind} permission, so Exchange "
                 "refuses its token.",
                 (*smtp_consent_steps(ids), PROPAGATION),
+            )
+        if ids.delegated:
+            return (
+                f"Exchange does not let the signed-in user send as {mailbox}: the user is not that "
+                "mailbox and has no FullAccess on it.",
+                (
+                    f"Sign in as the mailbox's own user (relay login {ids.account}), or:",
+                    CONNECT_EXO,
+                    f'  Add-MailboxPermission -Identity "{mailbox}" -User <the signed-in user> '
+                    "-AccessRights FullAccess",
+                    PROPAGATION,
+                ),
             )
         return (
             f"Exchange does not let this app sign in as {mailbox}: its service principal is not "
@@ -364,7 +408,7 @@ def diagnose_graph(
         missing = [p for p in need if roles is not None and p not in roles]
         if missing:
             return (
-                f"The app lacks the {' and '.join(missing)} application permission.",
+                f"The app lacks the {' and '.join(missing)} {ids.kind} permission.",
                 (*graph_consent_steps(ids, missing), PROPAGATION),
             )
         policy = (
@@ -441,7 +485,12 @@ class _Account:
         self.account = account
         self.send_test = send_test
         self.tokens = MsalTokenProvider(account)
-        self.ids = Ids(account.tenant_id, account.client_id)
+        self.ids = Ids(
+            account.tenant_id,
+            account.client_id,
+            delegated=account.credential.kind is CredentialKind.DELEGATED,
+            account=account.name,
+        )
         self.findings: list[Finding] = []
         self.roles: dict[str, frozenset[str] | None] = {}  # scope -> the token's permissions
         self.blocked: set[str] = set()  # routes a test message would only fail again
@@ -469,7 +518,7 @@ class _Account:
         graph = [r for r in self.routes if r.transport is TransportKind.GRAPH]
         exchange = graph_token = None
         if smtp or not (graph or self.inbound):  # an unused account: are its credentials good?
-            role = SMTP_SEND_AS_APP if smtp else None
+            role = self.ids.smtp_permission if smtp else None
             exchange = await self._token("Exchange Online (SMTP)", EXCHANGE_SCOPE, role)
         if graph or self.inbound:
             graph_token = await self._token("Microsoft Graph", GRAPH_SCOPE, None)
@@ -504,19 +553,23 @@ class _Account:
             )
             return _Token(ok=False)
         claims = token_claims(token)
-        roles = frozenset(claims.get("roles") or ()) if claims is not None else None
+        roles = None
+        if claims is not None:  # app tokens list `roles`, a user's token `scp`
+            roles = frozenset(claims.get("roles") or ()) | frozenset(
+                str(claims.get("scp", "")).split()
+            )
         self.roles[scope] = roles
         if claims is not None and isinstance(claims.get("oid"), str):
-            self.ids = Ids(self.ids.tenant_id, self.ids.client_id, claims["oid"])
+            self.ids = replace(self.ids, object_id=None if self.ids.delegated else claims["oid"])
         if roles is None:
             self.add(check, Outcome.OK, "a token (not a readable JWT: permissions not listed)")
         elif role is not None and role not in roles:
             self.add(
                 check,
                 Outcome.FAIL,
-                "application permissions: " + (", ".join(sorted(roles)) or "none"),
+                f"{self.ids.kind} permissions: " + (", ".join(sorted(roles)) or "none"),
                 (
-                    f"The app lacks the {role} application permission (or its admin consent).",
+                    f"The app lacks the {role} {self.ids.kind} permission (or its admin consent).",
                     (*smtp_consent_steps(self.ids), PROPAGATION),
                 ),
             )
@@ -524,7 +577,7 @@ class _Account:
             self.add(
                 check,
                 Outcome.OK,
-                "application permissions: " + (", ".join(sorted(roles)) or "none"),
+                f"{self.ids.kind} permissions: " + (", ".join(sorted(roles)) or "none"),
             )
         return _Token(ok=True, roles=roles, token=token)
 
@@ -578,9 +631,10 @@ class _Account:
             self.add(
                 check,
                 Outcome.FAIL,
-                "application permissions: " + (", ".join(sorted(token.roles)) or "none"),
+                f"{self.ids.kind} permissions: " + (", ".join(sorted(token.roles)) or "none"),
                 (
-                    f"The app lacks the {MAIL_SEND} application permission (or its admin consent).",
+                    f"The app lacks the {MAIL_SEND} {self.ids.kind} permission (or its admin "
+                    "consent).",
                     (*graph_consent_steps(self.ids, [MAIL_SEND]), PROPAGATION),
                 ),
             )
@@ -602,10 +656,10 @@ class _Account:
             self.add(
                 check,
                 Outcome.FAIL,
-                "application permissions: " + (", ".join(sorted(token.roles)) or "none"),
+                f"{self.ids.kind} permissions: " + (", ".join(sorted(token.roles)) or "none"),
                 (
                     f"Importing (and then marking read, moving or deleting) needs the "
-                    f"{MAIL_READWRITE} application permission.",
+                    f"{MAIL_READWRITE} {self.ids.kind} permission.",
                     (*graph_consent_steps(self.ids, [MAIL_READWRITE]), PROPAGATION),
                 ),
             )

@@ -23,7 +23,8 @@ from relay.config import (
     Secret,
     Transport,
 )
-from relay.doctor import Finding, Ids, Outcome, Report, diagnose_token, doctor
+from relay.doctor import Finding, Ids, Outcome, Report, diagnose_smtp, diagnose_token, doctor
+from relay.reply import Reply
 from relay.testing.directory import MAIL_SEND, SMTP_SEND_AS_APP, App, Tenant
 from relay.testing.emulator import Emulator, SampleTenant
 
@@ -406,3 +407,34 @@ async def test_the_command_line_exits_0_1_or_2(
     assert "        cause:  The client secret in relay.yaml is not the app's secret value" in out
     status, _, err = await run("doctor", "-c", str(tmp_path / "missing.yaml"))
     assert status == 2 and err.startswith("relay doctor: ")
+
+
+def test_a_delegated_account_that_is_not_signed_in(offline_account: AccountConfig) -> None:
+    text = "account contoso: no user has signed in; run `relay login contoso`"
+    cause, steps = diagnose_token(text, Ids("t", "c", delegated=True), offline_account)
+    assert cause.startswith("The account's user has not signed in, or must sign in again")
+    assert steps == ("relay login contoso -c relay.yaml   (a device code; any browser will do)",)
+
+
+def test_a_delegated_token_refused_by_exchange() -> None:
+    ids = Ids("t", "c", delegated=True, account="contoso")
+    refused = Reply(535, "5.7.3", "Authentication unsuccessful")
+    cause, steps = diagnose_smtp(
+        refused, ids, "relay@contoso.com", sender="relay@contoso.com", roles=frozenset({MAIL_SEND})
+    )
+    assert (
+        cause == "The app lacks the SMTP.Send delegated permission, so Exchange refuses its token."
+    )
+    assert steps[0].endswith(
+        "Add a permission > Microsoft Graph > Delegated permissions > SMTP.Send;"
+    )
+    assert "Then sign in again: relay login contoso" in steps
+    cause, steps = diagnose_smtp(
+        refused,
+        ids,
+        "relay@contoso.com",
+        sender="relay@contoso.com",
+        roles=frozenset({"SMTP.Send"}),
+    )
+    assert cause.startswith("Exchange does not let the signed-in user send as relay@contoso.com")
+    assert steps[0] == "Sign in as the mailbox's own user (relay login contoso), or:"
