@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from relay.config import CredentialKind, loads
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 DOCKERFILE = CHECKOUT / "Dockerfile"
 NOBODY = 65534
@@ -269,3 +271,41 @@ def test_the_image_layout_serves_as_a_non_root_user(image: Image, root: Path) ->
     assert events[-1]["message"] == "stopped"
     assert "not-a-real-secret" not in log.read_text()
     assert not healthy()
+
+
+DOCS = CHECKOUT / "docs"
+EXAMPLE_ENV = {
+    "AZURE_TENANT_ID": "6f3b9c2e-41d7-4a58-9c0e-2d7f5b1a8e34",
+    "AZURE_CLIENT_ID": "0e8f4a6d-93b2-4c71-a5d8-7b1e2f9c3a60",
+}
+
+
+def test_the_compose_example_holds_a_valid_relay_yaml(tmp_path: Path) -> None:
+    compose = yaml.safe_load((DOCS / "docker-compose.yml").read_text())
+    text = compose["configs"]["relay_yaml"]["content"].replace("$$", "$")  # Compose's escape
+    secret = tmp_path / "azure_client_secret"  # what Compose mounts at /run/secrets/
+    secret.write_text("the secret value")
+    text = text.replace("/run/secrets/azure_client_secret", str(secret))
+    config = loads(text, source=str(tmp_path / "relay.yaml"), environ=EXAMPLE_ENV)
+    assert config.admin is not None and config.admin.port == 9025
+    assert str(config.spool.path) == compose["services"]["relay"]["volumes"][0].split(":")[1]
+
+
+def test_the_kubernetes_example_holds_a_valid_relay_yaml(tmp_path: Path) -> None:
+    docs = list(yaml.safe_load_all((DOCS / "kubernetes-sidecar.yaml").read_text()))
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    token = tmp_path / "azure-identity-token"  # what the workload identity webhook projects
+    token.write_text("a.projected.token")
+    environ = {**EXAMPLE_ENV, "AZURE_FEDERATED_TOKEN_FILE": str(token)}
+    config = loads(
+        config_map["data"]["relay.yaml"], source=str(tmp_path / "relay.yaml"), environ=environ
+    )
+    assert config.accounts["contoso"].credential.kind is CredentialKind.FEDERATED
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (relay,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert relay["restartPolicy"] == "Always"
+    assert relay["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert relay["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(
+        parse_image(DOCKERFILE.read_text()).user.split(":")[0]
+    )
