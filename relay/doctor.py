@@ -37,7 +37,6 @@ from enum import Enum
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import jwt
 
 from relay.app import build_routes
@@ -52,6 +51,7 @@ from relay.config import (
 )
 from relay.config import Transport as TransportKind
 from relay.errors import ConfigError, DeliveryError, TokenRejected, TokenUnavailable
+from relay.graphapi import AnswerTooLarge, GraphClient, error_of
 from relay.identity import EXCHANGE_SCOPE, GRAPH_SCOPE, MsalTokenProvider
 from relay.reply import Reply
 from relay.scheduler import RouteRuntime
@@ -65,6 +65,7 @@ MAIL_SEND = "Mail.Send"
 MAIL_READ = "Mail.Read"
 MAIL_READWRITE = "Mail.ReadWrite"
 PROBE_TIMEOUT = 30.0  # seconds for one Graph read
+MAX_PROBE_BODY = 1024 * 1024  # a folder's JSON is a few hundred bytes
 PROPAGATION = (
     "Permission changes take 15-30 minutes (sometimes longer) to reach Exchange; run "
     "`relay doctor` again after that."
@@ -474,7 +475,6 @@ def token_claims(token: str) -> dict[str, Any] | None:
 class _Token:
     ok: bool
     roles: frozenset[str] | None = None
-    token: str = field(default="", repr=False)
 
 
 class _Account:
@@ -579,7 +579,7 @@ class _Account:
                 Outcome.OK,
                 f"{self.ids.kind} permissions: " + (", ".join(sorted(roles)) or "none"),
             )
-        return _Token(ok=True, roles=roles, token=token)
+        return _Token(ok=True, roles=roles)
 
     async def _smtp_login(
         self, runtime: RouteRuntime, names: list[str], token: _Token | None
@@ -664,22 +664,33 @@ class _Account:
                 ),
             )
             return
-        path = f"/mailFolders/{quote(inbound.folder, safe='')}"
-        answer = await self._graph_get(inbound.mailbox, path, token)
-        if isinstance(answer, str):
+        client = GraphClient(
+            mailbox=inbound.mailbox,
+            graph_url=self.account.endpoints.graph,
+            tokens=self.tokens,
+            ssl_context=client_context(self.account.ca_file),
+            timeout=PROBE_TIMEOUT,
+        )
+        try:
+            url = f"{client.user_url}/mailFolders/{quote(inbound.folder, safe='')}"
+            answer = await client.request("GET", url, max_body=MAX_PROBE_BODY)
+        except (DeliveryError, AnswerTooLarge) as exc:
+            text = exc.reply.one_line() if isinstance(exc, DeliveryError) else str(exc)
             where = f"Microsoft Graph ({self.account.endpoints.graph})"
-            self.add(check, Outcome.FAIL, answer, diagnose_unavailable(answer, where, self.account))
+            self.add(check, Outcome.FAIL, text, diagnose_unavailable(text, where, self.account))
             return
-        status, code, message = answer
-        if status == 200:
-            self.add(check, Outcome.OK, "200 OK")
+        finally:
+            await client.aclose()
+        if answer.ok:
+            self.add(check, Outcome.OK, f"{answer.status} OK")
             return
+        code, message = error_of(answer.body)
         self.add(
             check,
             Outcome.FAIL,
-            f"Graph {status} {code}: {message}",
+            f"Graph {answer.status} {code}: {message}",
             diagnose_graph(
-                status,
+                answer.status,
                 code,
                 message,
                 self.ids,
@@ -688,30 +699,6 @@ class _Account:
                 roles=token.roles,
             ),
         )
-
-    async def _graph_get(
-        self, mailbox: str, path: str, token: _Token
-    ) -> tuple[int, str, str] | str:
-        """GET a mailbox resource: (status, Graph error code, message), or what went wrong."""
-        url = f"{self.account.endpoints.graph.rstrip('/')}/users/{quote(mailbox, safe='@')}{path}"
-        headers = {"Authorization": f"Bearer {token.token}"}
-        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.get(
-                    url, headers=headers, ssl=client_context(self.account.ca_file)
-                ) as response,
-            ):
-                if response.status < 300:
-                    return response.status, "", ""
-                body = await response.json(content_type=None)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return f"{type(exc).__name__}: {exc}"
-        except ValueError:
-            return response.status, "", "(not Graph's error JSON)"
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        return response.status, str(error.get("code", "")), str(error.get("message", ""))
 
     async def _send_as(self, route: RouteConfig, runtime: RouteRuntime) -> None:
         senders = [route.mailbox]
