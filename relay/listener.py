@@ -69,6 +69,7 @@ from relay.errors import ConfigError, IntakeRefused
 from relay.intake import Client, Intake
 from relay.passwords import hash_password, verify_password
 from relay.reply import Reply
+from relay.routing import PLAIN_ADDR_SPEC
 
 log = logging.getLogger("relay.listener")
 
@@ -95,6 +96,9 @@ AUTH_FAILURE_DELAY = 1.0  # seconds, times the session's failure count
 PASSWORD_CHECKS = 2  # concurrent hash checks per listener, so a login flood cannot fill the pool
 YIELD_EVERY_DOTS = 64  # lines that start with a dot cost a few reads each; let others run
 JOIN_IN_THREAD = 1024 * 1024  # joining a 35 MB message takes ~17 ms: not in the event loop
+
+
+_ANGLE_ADDR = re.compile(rf" *<({PLAIN_ADDR_SPEC})>(?: +|$)(?![ \t(])")  # then the parameters
 
 
 class ListenerState(Enum):
@@ -169,6 +173,14 @@ def address_refusal(address: str, *, smtputf8: bool, recipient: bool) -> Reply |
     if (local and _DOMAIN.fullmatch(domain)) or (recipient and address.lower() == "postmaster"):
         return None
     return Reply(553, status, f"Malformed address: <{address}>")
+
+
+def plain_angle_addr(arg: str) -> tuple[str, str] | None:
+    """`<local@domain> PARAMS` as (address, params) when both parts are plain ASCII (a
+    dot-atom address, no comments): what the stdlib's parser would give, at a tenth of its
+    cost. None for anything else, which aiosmtpd's parser then reads."""
+    plain = _ANGLE_ADDR.match(arg)
+    return (plain[1], arg[plain.end() :]) if plain else None
 
 
 def auth_delay(failures: int, base: float = AUTH_FAILURE_DELAY) -> float:
@@ -328,6 +340,11 @@ class _SMTP(SMTP):
         return _Session(self.loop)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The usual `<local@domain> PARAMS` without the stdlib's header parser (and without the
+        # class aiosmtpd defines on every call); anything else goes the long way.
+        plain = plain_angle_addr(arg)
+        if plain and not self.local_part_limit:
+            return plain
         try:
             return super()._getaddr(arg)
         except AttributeError:  # the stdlib parser trips over some broken domain literals

@@ -25,9 +25,14 @@ every session that is waiting (about 3,000 syncs/s on the reference machine, aga
 for a file per message with a synced rename).
 
 Materialisation, off the critical path. A second task writes each committed message to its own
-file (incoming/ID.tmp, fsync, rename into queue/, one fsync of queue/ per batch), then appends a
-checkpoint frame naming those ids to the journal and syncs it. Only then does the message become
-claimable (`on_ready`). The checkpoint is what keeps a journal that is replayed after a crash
+file (incoming/ID.tmp), makes a chunk of such files durable with one batch sync (`Disk.sync_batch`:
+syncfs(2) on Linux, one journal commit instead of one per file), renames them into queue/ (so a
+file in queue/ is never torn), syncs queue/ once per batch, then appends a checkpoint frame naming
+those ids to the journal and syncs it. Only then does the message become claimable (`on_ready`).
+It waits while a burst of intake goes on (until INTAKE_QUIET passes without a commit, for at most
+MATERIALISE_DELAY, or until half of `max_backlog` is used): its writes and syncs would otherwise
+compete with the journal syncs that the 250s wait for, and the journal holds the mail meanwhile.
+So under sustained intake a message is claimable up to MATERIALISE_DELAY later than it could be. The checkpoint is what keeps a journal that is replayed after a crash
 from bringing back a message that was already delivered and removed: recovery replays only
 records that no checkpoint names and whose file exists in no state. A segment is deleted (and
 incoming/ synced) once every intake record in it is checkpointed and all older segments are gone.
@@ -75,6 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -83,6 +89,7 @@ import os
 import re
 import secrets
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -101,6 +108,9 @@ MiB = 1024 * 1024
 SEGMENT_BYTES = 4 * MiB  # start a new journal segment after this many bytes
 MAX_BACKLOG = 64 * MiB  # enqueue waits while this much is journaled but not yet materialised
 RESCAN_INTERVAL = 5.0  # seconds between looks for operators' changes
+INTAKE_QUIET = 0.02  # seconds without a commit that end a burst of intake
+MATERIALISE_DELAY = 5.0  # the longest a burst holds back materialisation (and so delivery)
+MATERIALISE_CHUNK = 256  # files written (and open) before one batch sync covers them
 IO_THREADS = 4  # the spool's own threads for file work (commits, materialising, claims)
 
 T = TypeVar("T")
@@ -202,6 +212,33 @@ class Disk:
     def datasync(self, fd: int) -> None:
         os.fdatasync(fd)
 
+    def sync_batch(self, fds: Sequence[int]) -> None:
+        """Make every file in `fds` durable (all on one filesystem).
+
+        Where the platform has syncfs(2), one call does it: a single journal commit for the
+        whole batch instead of one per file (about 4x cheaper for 2 KB files on ext4). It
+        reports write-back errors since Linux 5.8. Elsewhere, one fsync per file.
+        """
+        if _SYNCFS is None:
+            for fd in fds:
+                self.sync(fd)
+        elif fds and _SYNCFS(fds[0]) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs  # a CDLL call releases the GIL
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return syncfs  # type: ignore[no-any-return]
+
+
+_SYNCFS = _load_syncfs() if sys.platform == "linux" else None
+
 
 def _make_id(us: int) -> str:
     """A queue id for a message that arrived `us` microseconds after the epoch."""
@@ -297,7 +334,7 @@ def _scan(f: IO[bytes], *, check_data: bool) -> tuple[list[_Frame], int]:
 
 
 def _message_header(qid: str, envelope: Envelope) -> dict[str, Any]:
-    return {"id": qid, "envelope": asdict(envelope)}
+    return {"id": qid, "envelope": envelope.__dict__}  # asdict's deep copy is not needed here
 
 
 def _record_json(entry: QueueEntry) -> dict[str, Any]:
@@ -442,13 +479,33 @@ class _Files:
             path.unlink()
 
     def materialise(self, frames: Sequence[tuple[str, bytes]]) -> None:
-        """Give each journaled message its own file in queue/, durably."""
+        """Give each journaled message its own file in queue/, durably: write every file of
+        a chunk, make them durable with one batch sync, then rename them into queue/ (so a
+        file in queue/ is never torn) and sync queue/ once."""
         with _io("writing messages to queue/"):
+            for start in range(0, len(frames), MATERIALISE_CHUNK):
+                self._materialise_chunk(frames[start : start + MATERIALISE_CHUNK])
+            self.sync_dir(State.QUEUE)
+
+    def _materialise_chunk(self, frames: Sequence[tuple[str, bytes]]) -> None:
+        written: list[tuple[str, Path, int]] = []
+        try:
             for qid, frame in frames:
                 tmp = self.dir(State.INCOMING) / f"{check_id(qid)}.tmp"
-                self.write_new(tmp, frame)
-                tmp.rename(self.path(State.QUEUE, qid))
-            self.sync_dir(State.QUEUE)
+                fd = self.disk.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                written.append((qid, tmp, fd))
+                self.disk.write(fd, frame)
+            self.disk.sync_batch([fd for _, _, fd in written])
+        except OSError:
+            for _, tmp, _ in written:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise
+        finally:
+            for _, _, fd in written:
+                os.close(fd)
+        for qid, tmp, _ in written:
+            tmp.rename(self.path(State.QUEUE, qid))
 
     def load(self, state: State, qid: str) -> tuple[QueueEntry, int, int]:
         """The entry in state/qid, where its good frames end, and its size."""
@@ -807,6 +864,7 @@ class Spool:
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._committed: asyncio.Queue[list[_Intake] | None] = asyncio.Queue()
+        self._last_commit = 0.0  # loop time of the last intake batch written
         self._busy: set[str] = set()  # ids in a transition right now
         self._stamps: dict[str, int] = {}  # id -> tick of its last in-process change
         self._tick = 0
@@ -965,6 +1023,7 @@ class Spool:
                         if not item.future.done():
                             item.future.set_result(None)
                     self._committed.put_nowait(batch)
+                    self._last_commit = asyncio.get_running_loop().time()
             if self._life is not _Life.OPEN and not self._pending:
                 return
 
@@ -980,12 +1039,27 @@ class Spool:
         last = False
         while not last:
             batches = [await self._committed.get()]
+            await self._settle()
             while not self._committed.empty():
                 batches.append(self._committed.get_nowait())
             last = None in batches
             batch = [item for b in batches if b is not None for item in b]
             if batch and not await self._materialise(journal, batch):
                 return
+
+    async def _settle(self) -> None:
+        """Hold materialisation back while a burst of intake goes on, so its writes and syncs
+        do not compete with the journal's (the messages are safe there): until no batch has
+        been committed for INTAKE_QUIET, MATERIALISE_DELAY has passed, half the backlog is
+        used, or the spool is closing."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MATERIALISE_DELAY
+        while self._life is _Life.OPEN and self._backlog <= self._max_backlog // 2:
+            wake = min(self._last_commit + INTAKE_QUIET, deadline)
+            if loop.time() >= wake:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), wake - loop.time())
 
     async def _materialise(self, journal: _Journal, batch: Sequence[_Intake]) -> bool:
         """Give the batch its files and make it claimable; False if closing stopped it."""

@@ -16,6 +16,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from email._header_value_parser import get_angle_addr
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,11 @@ from relay.listener import (
     auth_offer,
     client_ip,
     mail_policy,
+    plain_angle_addr,
 )
 from relay.passwords import hash_password
 from relay.reply import Reply
+from relay.routing import PLAIN_ADDR_SPEC
 from relay.testing.pki import EmulatorPKI
 
 PASSWORD = "correct horse battery staple"
@@ -482,6 +485,44 @@ async def test_an_ipv6_loopback_listener(serve: Serve) -> None:
     assert await wire.transaction(MESSAGE + b".\r\n") == "250 2.0.0 Ok: queued as Q1"
     assert intake.accepted[0].client.address == "::1"
     assert intake.accepted[0].client.listener == "[::1]:0"
+
+
+def _stdlib_getaddr(arg: str) -> tuple[str | None, str | None] | type[Exception]:
+    """What aiosmtpd's own parser makes of a MAIL/RCPT argument (or the exception it raises)."""
+    try:
+        address, rest = get_angle_addr(arg)
+        return address.addr_spec, rest
+    except Exception as exc:
+        return type(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.from_regex(rf" *<{PLAIN_ADDR_SPEC}>[ \t(]*( [A-Z=0-9 ()\t]*)?", fullmatch=True)
+    | st.text(alphabet='<>@a.- ="\\[]()\t', max_size=24).map(lambda t: "<" + t)
+)
+def test_plain_angle_addr_reads_what_the_stdlib_parser_reads(arg: str) -> None:
+    """The fast path for `<local@domain> PARAMS` gives aiosmtpd's answer, or steps aside."""
+    plain = plain_angle_addr(arg)
+    if plain is not None:
+        assert plain == _stdlib_getaddr(arg)
+
+
+def test_plain_angle_addr_steps_aside_for_anything_unusual() -> None:
+    assert plain_angle_addr("<app@contoso.com> SIZE=2048") == ("app@contoso.com", "SIZE=2048")
+    assert plain_angle_addr("  <a.b+c@d.e>") == ("a.b+c@d.e", "")
+    for arg in (
+        "<>",
+        "app@contoso.com",
+        '<"q r"@d>',
+        "<a@[1.2.3.4]>",
+        "<a@b> (c)",
+        "<a@b>x",
+        "<a@b>\tSIZE=1",
+        "<zoë@d>",
+        "<a..b@d>",
+    ):
+        assert plain_angle_addr(arg) is None, arg
 
 
 def test_an_ipv4_mapped_client_is_an_ipv4_client() -> None:

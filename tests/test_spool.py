@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -83,6 +83,11 @@ class FaultyDisk(Disk):
     def datasync(self, fd: int) -> None:
         self._sync(fd)
         super().datasync(fd)
+
+    def sync_batch(self, fds: Sequence[int]) -> None:
+        for fd in fds:
+            self._sync(fd)
+        super().sync_batch(fds)
 
     def _sync(self, fd: int) -> None:
         self.before("sync", self._paths[fd])
@@ -690,6 +695,49 @@ async def test_materialisation_failure_is_retried(path: Path) -> None:
         [entry] = await ready.wait(1)
         assert entry.qid == qid and failures == 2
         assert files(path, "incoming")[0].endswith(".journal")
+
+
+async def test_materialised_batch_is_synced_before_it_enters_queue(path: Path) -> None:
+    """A batch of files is made durable with one batch sync while still incoming/*.tmp; only
+    then are they renamed into queue/, so a crash never leaves a torn file there."""
+    disk = FaultyDisk()
+    synced: list[tuple[str, list[str]]] = []
+
+    def look(op: str, p: Path) -> None:
+        if op == "sync" and is_materialising(p):
+            synced.append((p.name, files(path, "queue")))
+
+    disk.before = look
+    async with await Spool.open(path, disk=disk, rescan_interval=None) as spool:
+        ready = Ready(spool)
+        ids = await spool.enqueue_many([(ENVELOPE, b"one"), (ENVELOPE, b"two")])
+        await ready.wait(2)
+        assert synced == [(f"{qid}.tmp", []) for qid in ids]
+        assert files(path, "queue") == ids
+
+
+async def test_failed_batch_sync_leaves_nothing_in_queue_and_is_retried(path: Path) -> None:
+    """The batch sync fails once (EIO): its .tmp files are removed, queue/ stays empty, and the
+    retry from the journal brings the messages in, byte-exact."""
+    disk = FaultyDisk()
+    failed = threading.Event()
+
+    def fail_once(p: Path) -> int | None:
+        if is_materialising(p) and not failed.is_set():
+            failed.set()
+            return errno.EIO
+        return None
+
+    disk.fail_sync = fail_once
+    async with await Spool.open(path, disk=disk, rescan_interval=None) as spool:
+        ready = Ready(spool)
+        qid = await spool.enqueue(ENVELOPE, b"kept")
+        [entry] = await ready.wait(1)
+        assert failed.is_set() and entry.qid == qid
+        assert files(path, "queue") == [qid]
+        assert [n for n in files(path, "incoming") if n.endswith(".tmp")] == []
+        await spool.claim(qid)
+        assert await spool.read(qid) == b"kept"
 
 
 async def test_full_backlog_with_failing_disk_refuses_intake(path: Path) -> None:
