@@ -1,7 +1,8 @@
 """The `relay` command: the one place that parses arguments, runs the event loop and exits.
 
-Subcommands: serve, check, demo, emulator, queue, doctor, hash-password. Each one's work lives in
-its own module as an async function returning an exit status; this module only wires them.
+Subcommands: serve, check, login, demo, emulator, queue, doctor, hash-password. Each one's work
+lives in its own module as an async function returning an exit status; this module only wires
+them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate relay.yaml and show what it resolves to")
     check.add_argument("--config", "-c", type=Path, default=Path("relay.yaml"))
     check.add_argument("--online", action="store_true", help="also get a token per account")
+
+    login = sub.add_parser(
+        "login",
+        help="sign in the user of a delegated_user account (device code); relay serve then "
+        "renews the tokens by itself",
+    )
+    login.add_argument("account", help="the account's name under accounts: in relay.yaml")
+    login.add_argument("--config", "-c", type=Path, default=Path("relay.yaml"))
 
     emu = sub.add_parser("emulator", help="run the Exchange Online emulator in the foreground")
     emu.add_argument("--config", "-c", type=Path, help="emulator YAML (tenants, apps, mailboxes)")
@@ -103,6 +112,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from relay.check import run_check
 
         return await run_check(args)
+    if args.command == "login":
+        from relay.login import run_login
+
+        return await run_login(args)
     if args.command == "emulator":
         from relay.testing.run import run_emulator
 

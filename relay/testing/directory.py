@@ -34,6 +34,18 @@ class Secret:
         return self.expires is not None and (now or datetime.now(UTC)) >= self.expires
 
 
+@dataclass(frozen=True)
+class FederatedCredential:
+    """A federated identity credential (workload identity): tokens from `issuer` about `subject`
+    for `audience` stand for the app. Entra fetches the issuer's signing keys from its OIDC
+    discovery document; the emulator is given the key (`public_key_pem`) instead."""
+
+    issuer: str
+    subject: str
+    public_key_pem: bytes = field(repr=False)
+    audience: str = "api://AzureADTokenExchange"
+
+
 @dataclass
 class App:
     """An app registration with its enterprise application (service principal) in one tenant."""
@@ -42,8 +54,10 @@ class App:
     display_name: str = "relay"
     secrets: list[Secret] = field(default_factory=list)
     certificates: list[bytes] = field(default_factory=list)  # PEM certificates
+    federated_credentials: list[FederatedCredential] = field(default_factory=list)
     roles: set[str] = field(default_factory=lambda: set(ALL_ROLES))  # consented app permissions
     object_id: str = field(default_factory=lambda: str(uuid.uuid4()))  # service principal id
+    public_client: bool = False  # "Allow public client flows": device-code sign-in without secret
 
     def add_secret(self, value: str, *, expires: datetime | None = None) -> Secret:
         secret = Secret(value, expires)
@@ -52,6 +66,13 @@ class App:
 
     def add_certificate(self, cert_pem: bytes) -> None:
         self.certificates.append(cert_pem)
+
+    def add_federated_credential(
+        self, issuer: str, subject: str, public_key_pem: bytes
+    ) -> FederatedCredential:
+        credential = FederatedCredential(issuer, subject, public_key_pem)
+        self.federated_credentials.append(credential)
+        return credential
 
 
 @dataclass

@@ -9,8 +9,10 @@ emulated identity platform (`TokenIssuer`); tenants, apps, mailboxes and grants 
 How a submission is judged (reference/exchange-online.md §1, §2.1, §5.1):
 
 * AUTH XOAUTH2 (with or without an initial response, mechanism in any case): the token must be
-  valid for `https://outlook.office365.com`, carry the role `SMTP.SendAsApp`, and its app must
-  hold FullAccess on the `user=` mailbox of the token's tenant; otherwise `535 5.7.3`. SMTP AUTH
+  valid for Exchange Online (`https://outlook.office365.com`, or its other identifiers and those
+  of the national clouds) and either carry the role `SMTP.SendAsApp` with its app holding
+  FullAccess on the `user=` mailbox of the token's tenant (app-only), or carry the delegated
+  scope `SMTP.Send` of the user who owns that mailbox; otherwise `535 5.7.3`. SMTP AUTH
   switched off for the tenant or the mailbox gives the `535 5.7.139` texts. Exchange was seen to
   close the connection after a 535, and so does the emulator. A fourth connection holding an
   AUTH for one mailbox gets `432 4.3.2` (decided at AUTH; a slot frees when its connection
@@ -63,7 +65,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from relay.reply import Reply
 from relay.testing import exchange_replies as ex
 from relay.testing.directory import SMTP_SEND_AS_APP, Directory, Mailbox, Tenant
-from relay.testing.tokens import EXCHANGE_AUDIENCE, InvalidToken, TokenIssuer
+from relay.testing.tokens import EXCHANGE_AUDIENCES, InvalidToken, TokenIssuer
 
 # Front-end and mailbox server names shaped like Exchange Online's (§1.2), "EM" for emulator.
 DEFAULT_HOSTNAME = "EM1PR01CA0001.outlook.office365.com"
@@ -74,6 +76,8 @@ CONNECTIONS_PER_MAILBOX = 3
 RECIPIENT_WINDOW = 24 * 3600.0
 # How the null reverse-path `MAIL FROM:<>` is kept in aiosmtpd's envelope.
 NULL_PATH = "<>"
+# The delegated permission for SMTP AUTH as the signed-in user (`scp`, reference §2.2).
+SMTP_SEND = "SMTP.Send"
 # RFC 4954 allows AUTH lines of 12 288 octets; app tokens make 2-4 KB lines (§1.3, §1.7).
 AUTH_LINE_LIMIT = 16_384
 
@@ -186,13 +190,16 @@ _DENIAL_REPLY = {
 def authorize(
     directory: Directory, issuer: TokenIssuer, user: str, token: str, *, now: float
 ) -> Grant | Denial:
-    """Exchange's XOAUTH2 check (§2.1): token, role, service principal, switches, FullAccess."""
+    """Exchange's XOAUTH2 check: token, permission, app, switches, then the mailbox: FullAccess
+    for an app-only token (§2.1), the signed-in user's own mailbox for a delegated one (§2.2)."""
     try:
-        claims = issuer.validate(token, audience=EXCHANGE_AUDIENCE, now=now)
+        claims = issuer.validate(token, audience=EXCHANGE_AUDIENCES, now=now)
     except InvalidToken:
         return Denial.TOKEN
     tenant = directory.tenant(claims.tenant_id)
-    if SMTP_SEND_AS_APP not in claims.roles or tenant is None:
+    delegated = claims.upn is not None
+    permitted = SMTP_SEND in claims.scopes if delegated else SMTP_SEND_AS_APP in claims.roles
+    if not permitted or tenant is None:
         return Denial.TOKEN
     if claims.app_id not in tenant.apps:
         return Denial.TOKEN
@@ -204,6 +211,9 @@ def authorize(
     box = found[1]
     if not box.smtp_auth_enabled:
         return Denial.MAILBOX_DISABLED
+    if delegated:
+        owner = (claims.upn or "").lower() == box.address.lower()
+        return Grant(tenant, box, claims.app_id) if owner else Denial.TOKEN
     if claims.app_id not in box.full_access:
         return Denial.TOKEN
     return Grant(tenant, box, claims.app_id)
