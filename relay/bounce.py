@@ -25,9 +25,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 
+from relay.config import RouteConfig
 from relay.headerblock import CRLF, MAX_LINE, HeaderBlock, fold
 from relay.reply import Reply
 from relay.routing import envelope_address
+from relay.spool import Envelope, QueueEntry
 
 SUBJECT = "Undelivered Mail Returned to Sender"
 FROM_NAME = "Mail Delivery System"
@@ -252,3 +254,33 @@ def _safe(text: str, *, ascii_only: bool = False) -> str:
 def _token(text: str) -> str:
     """Only what a Message-ID part may hold."""
     return re.sub(r"[^A-Za-z0-9.\-]", "", text) or "relay"
+
+
+def bounce_for(
+    entry: QueueEntry,
+    *,
+    original: bytes,
+    failed: Mapping[str, Reply],
+    route: RouteConfig,
+    reporting_mta: str,
+    reason: str | None = None,
+) -> tuple[Envelope, bytes] | None:
+    """The DSN for a spooled message and the envelope to queue it with: from the null sender to
+    the original sender, through the same route (its mailbox sends it). None when there is
+    nobody to tell (the original came from the null sender)."""
+    dsn = make_bounce(
+        original=original,
+        qid=entry.qid,
+        mail_from=entry.envelope.mail_from,
+        failed=failed,
+        reporting_mta=reporting_mta,
+        mailbox=route.mailbox,
+        arrival=datetime.fromtimestamp(entry.envelope.received_at, UTC),
+        reason=reason,
+    )
+    if dsn is None:
+        return None
+    envelope = Envelope(
+        mail_from="", rcpt_tos=(entry.envelope.mail_from,), route=route.name, client="127.0.0.1"
+    )
+    return envelope, dsn

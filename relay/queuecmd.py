@@ -36,11 +36,11 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from relay.bounce import make_bounce
+from relay.bounce import bounce_for
 from relay.config import Config, load
 from relay.errors import ConfigError, SpoolError
 from relay.reply import Reply
-from relay.spool import RESCAN_INTERVAL, Envelope, QueueAdmin, QueueEntry, State, check_id
+from relay.spool import RESCAN_INTERVAL, QueueAdmin, QueueEntry, State, check_id
 
 WAITING = (State.QUEUE, State.ACTIVE, State.DEFERRED, State.HOLD)
 OPERATOR_BOUNCE = Reply(550, "5.0.0", "delivery cancelled by the relay's operator")
@@ -144,26 +144,16 @@ async def _bounce(admin: QueueAdmin, config: Config, qid: str, *, as_json: bool)
     try:
         dsn_qid = None
         if config.spool.bounces and entry.envelope.mail_from:
-            dsn = make_bounce(
+            bounce = bounce_for(
+                entry,
                 original=await admin.read(qid),
-                qid=qid,
-                mail_from=entry.envelope.mail_from,
                 failed=failed,
+                route=route,
                 reporting_mta=socket.getfqdn(),
-                mailbox=route.mailbox,
-                arrival=datetime.fromtimestamp(entry.envelope.received_at, UTC),
                 reason=BOUNCE_REASON,
             )
-            if dsn is not None:
-                dsn_qid = await admin.submit(
-                    Envelope(
-                        mail_from="",
-                        rcpt_tos=(entry.envelope.mail_from,),
-                        route=route.name,
-                        client="127.0.0.1",
-                    ),
-                    dsn,
-                )
+            if bounce is not None:
+                dsn_qid = await admin.submit(*bounce)
         entry = await admin.dead(
             qid,
             reason="; ".join(f"{r}: {OPERATOR_BOUNCE.one_line()}" for r in failed),

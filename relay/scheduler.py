@@ -26,15 +26,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from relay.bounce import make_bounce
+from relay.bounce import bounce_for
 from relay.config import RouteConfig, SpoolConfig
 from relay.errors import DeliveryError, SpoolError
 from relay.metrics import Metrics
 from relay.reply import Reply
 from relay.retry import Decision, decide
-from relay.spool import Envelope, QueueEntry, Spool
+from relay.spool import QueueEntry, Spool
 from relay.transports import Delivered, OutgoingMessage, Transport
 
 log = logging.getLogger("relay.scheduler")
@@ -349,27 +348,13 @@ class Scheduler:
             log.warning("%s bounced to=%s reply=%s", where, rcpt, reply.one_line())
         if not self._policy.bounces or not entry.envelope.mail_from:
             return True
-        dsn = make_bounce(
-            original=data,
-            qid=entry.qid,
-            mail_from=entry.envelope.mail_from,
-            failed=failed,
-            reporting_mta=self._hostname,
-            mailbox=route.mailbox,
-            arrival=datetime.fromtimestamp(entry.envelope.received_at, UTC),
+        bounce = bounce_for(
+            entry, original=data, failed=failed, route=route, reporting_mta=self._hostname
         )
-        if dsn is None:
+        if bounce is None:
             return True
         try:
-            qid = await self._spool.enqueue(
-                Envelope(
-                    mail_from="",
-                    rcpt_tos=(entry.envelope.mail_from,),
-                    route=route.name,
-                    client="127.0.0.1",
-                ),
-                dsn,
-            )
+            qid = await self._spool.enqueue(*bounce)
         except SpoolError:
             log.exception("%s: could not queue the bounce; deferring instead", where)
             return False
