@@ -1034,10 +1034,17 @@ def _check_federated(
             assertion,
             serialization.load_pem_public_key(credential.public_key_pem),  # type: ignore[arg-type]
             algorithms=["RS256"],
-            options={"verify_aud": False, "verify_exp": False, "verify_nbf": False},
+            options={
+                "verify_aud": False,
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
         )
-    except jwt.InvalidTokenError:
+    except jwt.InvalidSignatureError:
         raise _Refusal(ASSERTION_SIGNATURE_INVALID) from None
+    except jwt.InvalidTokenError:
+        raise _Refusal(ASSERTION_MALFORMED) from None
     _check_lifetime(unverified)
 
 
