@@ -26,6 +26,7 @@ from relay.config import (
 from relay.identity import MsalTokenProvider
 from relay.inbound import build_importers
 from relay.inbound.importer import Outcome
+from relay.metrics import Metrics
 from relay.testing.emulator import Emulator, SampleTenant
 
 
@@ -162,6 +163,25 @@ async def test_after_mark_read_with_the_real_token_provider(
         await imp.stop()
     assert [m.is_read for m in emulator.graph.messages(sample.mailbox, "inbox")] == [True] * 5
     assert tokens.requests == 1
+
+
+async def test_imports_are_counted(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path
+) -> None:
+    for n in range(3):
+        emulator.graph.deliver(sample.mailbox, mail(n))
+    emulator.graph.deliver(sample.mailbox, b"not a message")
+    metrics = Metrics()
+    config = inbound(sample, {"maildir": tmp_path / "box"})
+    imp = importer(emulator, sample, config, tmp_path / "state.db", metrics=metrics)
+    await imp.start()
+    try:
+        await imp.poll()
+    finally:
+        await imp.stop()
+    assert b'relay_inbound_imported_total{mailbox="relay@contoso.com"} 3.0' in (
+        metrics.exposition()
+    )
 
 
 # -- lifecycle -------------------------------------------------------------------------------------

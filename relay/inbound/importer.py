@@ -61,6 +61,7 @@ from relay.headerblock import HeaderBlock
 from relay.identity import TokenProvider
 from relay.inbound.sinks import Incoming, Sink, make_sink
 from relay.inbound.state import ImportState, Record, Stage
+from relay.metrics import Metrics
 from relay.reply import Reply
 from relay.tls import client_context
 
@@ -205,6 +206,7 @@ class Importer:
         page_size: int = PAGE_SIZE,
         workers: int = WORKERS,
         retry_base: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.state = ImporterState.NEW
@@ -225,6 +227,7 @@ class Importer:
         self._workers = asyncio.Semaphore(workers)
         self._retry_base = config.poll_interval if retry_base is None else retry_base
         self._max_size = config.max_size or MAX_MESSAGE_SIZE
+        self._metrics = metrics or Metrics()  # the relay's, or one nobody reads
         self._store: ImportState | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -490,6 +493,7 @@ class Importer:
         except DeliveryError as failed:
             return await self._defer(message, Stage.DELIVERED, attempts, failed)
         await self._require_store().put(Record(message=message, stage=Stage.DONE))
+        self._metrics.imported(self.config.mailbox)
         log.info(
             "inbound %s: imported %s from=<%s> into %s",
             self.config.name,
@@ -645,10 +649,15 @@ class Importer:
 
 
 def build_importers(
-    config: Config, tokens: Mapping[str, TokenProvider], *, state_dir: Path | None = None
+    config: Config,
+    tokens: Mapping[str, TokenProvider],
+    *,
+    metrics: Metrics | None = None,
+    state_dir: Path | None = None,
 ) -> list[Importer]:
     """One importer per `inbound:` entry, with its state in `state_dir` (default: the spool
-    path's `inbound/`) as `NAME.sqlite3`. Imports of one mailbox share Graph's 4 requests."""
+    path's `inbound/`) as `NAME.sqlite3`, counting into `metrics`. Imports of one mailbox share
+    Graph's 4 requests."""
     directory = state_dir if state_dir is not None else config.spool.path / "inbound"
     per_mailbox = Counter(entry.mailbox.lower() for entry in config.inbound)
     return [
@@ -658,6 +667,7 @@ def build_importers(
             tokens=tokens[entry.account],
             state_path=directory / f"{entry.name}.sqlite3",
             max_concurrency=max(1, GRAPH_CONCURRENCY // per_mailbox[entry.mailbox.lower()]),
+            metrics=metrics,
         )
         for entry in config.inbound
     ]
