@@ -330,6 +330,17 @@ def _scan(f: IO[bytes], *, check_data: bool) -> tuple[list[_Frame], int]:
     return frames, pos
 
 
+def _zeros(f: IO[bytes], start: int, end: int) -> bool:
+    """Whether bytes start..end of `f` are all zero."""
+    f.seek(start)
+    while start < end:
+        chunk = f.read(min(end - start, MiB))
+        if not chunk or chunk.count(0) != len(chunk):
+            return False
+        start += len(chunk)
+    return True
+
+
 # Records -----------------------------------------------------------------------------------
 
 
@@ -662,7 +673,8 @@ class _Files:
             with self.segment(seq).open("rb") as f:
                 frames, end = _scan(f, check_data=True)
                 size = os.fstat(f.fileno()).st_size
-            if end < size:
+                unused = _zeros(f, end, size)  # the part of a segment written in advance
+            if end < size and not unused:
                 log.warning(
                     "spool: journal segment %s ends in %d bytes of an unfinished write; "
                     "ignored (no enqueue returned for them)",
@@ -758,9 +770,14 @@ class _Journal:
             os.close(self._fd)
             self._fd = -1
         self._seq += 1  # a fresh number for every try, so a failed one is never reused
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         fd = self._files.disk.open(self._files.segment(self._seq), flags)
         try:
+            # Zeros written in advance (not synced: the first datasync flushes them with the
+            # first batch) make each later batch an overwrite of allocated blocks, so its
+            # fdatasync needs no file-system journal commit (about 2x faster on ext4). Readers
+            # stop at the zeros: they are not a frame.
+            os.pwrite(fd, bytes(self._segment_bytes), 0)
             self._files.sync_dir(State.INCOMING)
         except OSError:
             os.close(fd)
@@ -773,6 +790,7 @@ class _Journal:
             if self._fd < 0 or self._size >= self._segment_bytes:
                 self._rotate()
             try:
+                os.lseek(self._fd, self._size, os.SEEK_SET)
                 self._files.disk.write(self._fd, data)
                 self._files.disk.datasync(self._fd)
             except OSError:
@@ -783,7 +801,7 @@ class _Journal:
     def _cut(self) -> None:
         """After a failed write: remove what it may have left, or stop using the segment."""
         try:
-            os.ftruncate(self._fd, self._size)
+            os.ftruncate(self._fd, self._size)  # the zeros beyond go too: later batches append
             self._files.disk.datasync(self._fd)
         except OSError as exc:
             log.error(
