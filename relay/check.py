@@ -1,16 +1,23 @@
-"""`relay check`: load relay.yaml and show what it resolves to, without touching the network.
+"""`relay check`: load relay.yaml and show what it resolves to; `--online`, also get tokens.
 
 Takes the config file's path; leaves nothing anywhere (no spool, no sockets). Prints the
 resolved listeners, routes, accounts, spool and inbound imports on stdout and returns 0, or
 prints the first `ConfigError` (file:line: YAML path: message (hint)) on stderr and returns 2.
-Secrets show as `********`. The online part (asking the identity platform for a token per
-account) is not here yet.
+Secrets show as `********`.
+
+`--online` then asks the identity platform for a token per account and use (Exchange for its
+SMTP routes, Graph for its Graph routes and imports), as `relay serve` would, and prints `ok` or
+the refusal with its AADSTS code; it returns 1 when any failed. A delegated account's token comes
+from the cache `relay login` left, so this also says whether its sign-in still works (a refresh
+it needed is saved, as serve would). No mail is sent.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from dataclasses import dataclass
 
 from relay.config import (
     DURATION_UNITS,
@@ -28,7 +35,14 @@ from relay.config import (
     format_address,
     load,
 )
-from relay.errors import ConfigError
+from relay.errors import ConfigError, TokenRejected, TokenUnavailable
+from relay.identity import (
+    EXCHANGE_SCOPE,
+    GRAPH_SCOPE,
+    MsalTokenProvider,
+    account_scopes,
+    requested_scopes,
+)
 
 MASK = "********"
 
@@ -37,20 +51,62 @@ _PER = {seconds: unit for unit, seconds in RATE_UNITS.items()}
 
 
 async def run_check(args: argparse.Namespace) -> int:
-    """`relay check -c FILE [--online]`: 0 when the file is valid, 2 when it is not."""
+    """`relay check -c FILE [--online]`: 0 when the file is valid (and every token came), 1 when
+    a token request failed, 2 when the file is not valid."""
     try:
         config = load(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     print(describe(config))
-    if args.online:
-        print(
-            "relay check: --online (token checks) is not yet available; only the offline "
-            "checks ran",
-            file=sys.stderr,
-        )
+    if not args.online:
+        return 0
+    results = await check_tokens(config)
+    print("tokens:" if results else "tokens: no accounts")
+    for result in results:
+        print(f"  {result}")
+    failed = sum(1 for result in results if result.error is not None)
+    if failed:
+        print(f"relay check: {failed} of {len(results)} token requests failed", file=sys.stderr)
+        return 1
     return 0
+
+
+@dataclass(frozen=True)
+class TokenCheck:
+    """One account's token for one use, and what went wrong (None: the token came)."""
+
+    account: str
+    use: str  # smtp | graph
+    scopes: tuple[str, ...]
+    error: str | None
+
+    def __str__(self) -> str:
+        outcome = "ok" if self.error is None else f"FAILED: {self.error}"
+        return f"{self.account}, {self.use} ({' '.join(self.scopes)}): {outcome}"
+
+
+_USES = {EXCHANGE_SCOPE: "smtp", GRAPH_SCOPE: "graph"}
+
+
+async def check_tokens(config: Config) -> list[TokenCheck]:
+    """A token for each account and each use it has, accounts side by side."""
+
+    async def one(account: AccountConfig) -> list[TokenCheck]:
+        provider = MsalTokenProvider(account)
+        checks = []
+        for scope in account_scopes(config, account.name):
+            error: str | None = None
+            try:
+                await provider.token(scope)
+            except (TokenRejected, TokenUnavailable) as exc:
+                error = exc.reply.text
+            scopes = tuple(requested_scopes(account, scope))
+            checks.append(TokenCheck(account.name, _USES[scope], scopes, error))
+        return checks
+
+    per_account = await asyncio.gather(*(one(a) for a in config.accounts.values()))
+    return [check for checks in per_account for check in checks]
 
 
 def describe(config: Config) -> str:

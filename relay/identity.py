@@ -49,7 +49,9 @@ from relay.config import (
     AccountConfig,
     CertificateProblem,
     Cloud,
+    Config,
     CredentialKind,
+    Transport,
     read_certificate,
 )
 from relay.errors import TokenRejected, TokenUnavailable
@@ -127,6 +129,15 @@ def requested_scopes(account: AccountConfig, scope: str) -> list[str]:
             return [f"{resources.graph}/{p}" for p in GRAPH_PERMISSIONS]
         return [f"{resources.graph}/.default"]
     raise ValueError(f"no such scope: {scope!r} (ask for EXCHANGE_SCOPE or GRAPH_SCOPE)")
+
+
+def account_scopes(config: Config, name: str) -> list[str]:
+    """The transport scopes an account serves: Exchange for SMTP routes, Graph for Graph routes
+    and inbound imports (Exchange when it serves nothing yet)."""
+    transports = {route.transport for route in config.routes if route.account == name}
+    graph = Transport.GRAPH in transports or any(i.account == name for i in config.inbound)
+    scopes = [EXCHANGE_SCOPE] if Transport.SMTP in transports or not graph else []
+    return [*scopes, GRAPH_SCOPE] if graph else scopes
 
 
 class TokenProvider(Protocol):

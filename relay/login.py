@@ -28,12 +28,11 @@ from typing import Any
 import msal
 import requests
 
-from relay.config import AccountConfig, Config, CredentialKind, Transport, load
+from relay.config import AccountConfig, CredentialKind, load
 from relay.errors import ConfigError, RelayError
 from relay.identity import (
-    EXCHANGE_SCOPE,
-    GRAPH_SCOPE,
     TokenCacheFile,
+    account_scopes,
     public_application,
     refusal_text,
     requested_scopes,
@@ -51,15 +50,6 @@ _REMEDIES: dict[str | int, str] = {
 
 class LoginFailed(RelayError):
     """The sign-in did not give the configured user's tokens; the text says why."""
-
-
-def account_scopes(config: Config, name: str) -> list[str]:
-    """The transport scopes an account serves: Exchange for SMTP routes, Graph for Graph routes
-    and inbound imports (Exchange when it serves nothing yet)."""
-    transports = {route.transport for route in config.routes if route.account == name}
-    graph = Transport.GRAPH in transports or any(i.account == name for i in config.inbound)
-    scopes = [EXCHANGE_SCOPE] if Transport.SMTP in transports or not graph else []
-    return [*scopes, GRAPH_SCOPE] if graph else scopes
 
 
 async def login(

@@ -37,8 +37,8 @@ from relay.config import (
     Transport,
 )
 from relay.errors import TokenRejected
-from relay.identity import EXCHANGE_SCOPE, GRAPH_SCOPE, MsalTokenProvider
-from relay.login import LoginFailed, account_scopes, login
+from relay.identity import EXCHANGE_SCOPE, GRAPH_SCOPE, MsalTokenProvider, account_scopes
+from relay.login import LoginFailed, login
 from relay.testing import exchange_replies as ex
 from relay.testing.directory import App
 from relay.testing.emulator import Emulator, SampleTenant
