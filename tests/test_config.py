@@ -1516,13 +1516,3 @@ def test_relay_check_without_the_file(tmp_path: Path) -> None:
         done.stderr
         == f"{tmp_path / 'nope.yaml'}: cannot read the file: No such file or directory\n"
     )
-
-
-def test_relay_check_online_is_not_there_yet(tmp_path: Path) -> None:
-    path = write(tmp_path / "relay.yaml", BASE)
-    done = _relay_check("-c", str(path), "--online")
-    assert done.returncode == 0
-    assert done.stdout.startswith(f"{path}: valid\n")
-    assert done.stderr == (
-        "relay check: --online (token checks) is not yet available; only the offline checks ran\n"
-    )
