@@ -29,12 +29,15 @@ file (incoming/ID.tmp), makes a chunk of such files durable with one batch sync 
 syncfs(2) on Linux, one journal commit instead of one per file), renames them into queue/ (so a
 file in queue/ is never torn), syncs queue/ once per batch, then appends a checkpoint frame naming
 those ids to the journal and syncs it. Only then does the message become claimable (`on_ready`).
-It waits while a burst of intake goes on (until INTAKE_QUIET passes without a commit, for at most
-MATERIALISE_DELAY, or until half of `max_backlog` is used): its writes and syncs would otherwise
-compete with the journal syncs that the 250s wait for, and the journal holds the mail meanwhile.
-So under sustained intake a message is claimable up to MATERIALISE_DELAY later than it could be. The checkpoint is what keeps a journal that is replayed after a crash
-from bringing back a message that was already delivered and removed: recovery replays only
-records that no checkpoint names and whose file exists in no state. A segment is deleted (and
+It works a chunk at a time and holds each chunk back while a burst of intake goes on (until
+INTAKE_QUIET passes without a commit, the oldest waiting message is MATERIALISE_DELAY old, or
+half of `max_backlog` is used): its file creations and syncs would otherwise compete with the
+journal syncs that the 250s wait for, and the journal holds the mail meanwhile. So under
+sustained intake a message becomes claimable up to MATERIALISE_DELAY after its 250.
+
+The checkpoint is what keeps a journal that is replayed after a crash from bringing back a
+message that was already delivered and removed: recovery replays only records that no
+checkpoint names and whose file exists in no state. A segment is deleted (and
 incoming/ synced) once every intake record in it is checkpointed and all older segments are gone.
 If an `enqueue` is cancelled after its batch was written (the client went away before a 250),
 the record is checkpointed without being materialised, so the message is never delivered.
@@ -46,7 +49,9 @@ message bytes, exactly as it was journaled. Each later frame (kind R) is the who
 record: attempts, next attempt, last reply, per-recipient outcomes, and the reason for dead
 ones; the last valid one wins, and a torn one at the end is ignored (and cut off when the file is
 next written). A journal segment is a run of M frames and C (checkpoint) frames; reading stops
-at the first frame that is short or fails its checksum, so a torn tail is never handed out.
+at the first frame that is short or fails its checksum, so a torn tail is never handed out. A new
+segment is filled with zeros first (where no frame can start), so that appending a batch
+overwrites blocks the file system has already allocated and its fdatasync commits no metadata.
 
 Recovery, a startup step of `Spool.open` (which also takes the lock): leftover .tmp files are
 removed (each is an incomplete copy of a journal record); un-checkpointed journal records are
@@ -844,6 +849,7 @@ class _Intake:
     data: bytes
     future: asyncio.Future[None]
     frame: bytes = b""
+    committed_at: float = 0.0  # loop time its batch was written
 
 
 ReadyCallback = Callable[[QueueEntry], None]
@@ -1037,11 +1043,12 @@ class Spool:
                         if not item.future.done():
                             item.future.set_exception(exc)
                 else:
+                    self._last_commit = asyncio.get_running_loop().time()
                     for item in batch:
+                        item.committed_at = self._last_commit
                         if not item.future.done():
                             item.future.set_result(None)
                     self._committed.put_nowait(batch)
-                    self._last_commit = asyncio.get_running_loop().time()
             if self._life is not _Life.OPEN and not self._pending:
                 return
 
@@ -1053,25 +1060,37 @@ class Spool:
         journal.append([i.frame for i in batch], [i.qid for i in batch])
 
     async def _materialise_loop(self) -> None:
+        """Materialise committed messages a chunk at a time, each chunk after `_settle`."""
         journal = self._require_journal()
+        waiting: list[_Intake] = []
         last = False
-        while not last:
-            batches = [await self._committed.get()]
-            await self._settle()
+
+        def take(batch: list[_Intake] | None) -> None:
+            nonlocal last
+            if batch is None:
+                last = True
+            else:
+                waiting.extend(batch)
+
+        while waiting or not last:
+            if not waiting:
+                take(await self._committed.get())
+            if waiting:
+                await self._settle(waiting[0].committed_at + MATERIALISE_DELAY)
             while not self._committed.empty():
-                batches.append(self._committed.get_nowait())
-            last = None in batches
-            batch = [item for b in batches if b is not None for item in b]
-            if batch and not await self._materialise(journal, batch):
+                take(self._committed.get_nowait())
+            chunk = waiting[:MATERIALISE_CHUNK]
+            del waiting[:MATERIALISE_CHUNK]
+            if chunk and not await self._materialise(journal, chunk):
                 return
 
-    async def _settle(self) -> None:
-        """Hold materialisation back while a burst of intake goes on, so its writes and syncs
-        do not compete with the journal's (the messages are safe there): until no batch has
-        been committed for INTAKE_QUIET, MATERIALISE_DELAY has passed, half the backlog is
-        used, or the spool is closing."""
+    async def _settle(self, deadline: float) -> None:
+        """Hold materialisation back while a burst of intake goes on, so its file creations
+        and syncs do not compete with the journal syncs that the 250s wait for (the messages
+        are safe in the journal): until no batch has been committed for INTAKE_QUIET, the
+        oldest waiting message was committed MATERIALISE_DELAY ago, half the backlog is used,
+        or the spool is closing."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + MATERIALISE_DELAY
         while self._life is _Life.OPEN and self._backlog <= self._max_backlog // 2:
             wake = min(self._last_commit + INTAKE_QUIET, deadline)
             if loop.time() >= wake:
