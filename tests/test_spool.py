@@ -509,6 +509,22 @@ async def test_torn_journal_tail_is_cut(path: Path, caplog: pytest.LogCaptureFix
     assert re.search(r"ends in \d+ bytes of an unfinished write; ignored", caplog.text)
 
 
+async def test_zeros_written_in_advance_are_not_a_torn_tail(
+    path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A segment is zero-filled when created; a crash leaves those zeros after the last frame,
+    and recovery reads them as the clean end they are."""
+    crashed = tmp_path / "crashed"
+    async with await Spool.open(path, rescan_interval=None, segment_bytes=64 * 1024) as spool:
+        qid = await spool.enqueue(ENVELOPE, b"m")
+        [segment] = (path / "incoming").iterdir()
+        assert segment.stat().st_size == 64 * 1024
+        shutil.copytree(path, crashed)  # the disk as a crash at this instant would leave it
+    async with await Spool.open(crashed, rescan_interval=None) as spool:
+        assert [e.qid for e in spool.ready()] == [qid]
+    assert "unfinished write" not in caplog.text
+
+
 async def test_torn_record_update_is_cut(path: Path) -> None:
     async with await Spool.open(path, rescan_interval=None) as spool:
         ready = Ready(spool)
