@@ -285,6 +285,27 @@ async def test_stop_lets_messages_in_flight_finish_and_starts_no_others(
     assert ids == Counter(f"<ticket-{n}@app.example.org>" for n in range(20))
 
 
+async def test_a_second_stop_finishes_what_a_cancelled_first_left(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path
+) -> None:
+    """relay's forced stop: the first stop (waiting for a held request) is cancelled, and a
+    second stop with no grace cancels the round and closes."""
+    emulator.graph.deliver(sample.mailbox, mail(1))
+    hold = emulator.graph.hold(sample.mailbox)
+    imp = importer(emulator, sample, inbound(sample, {"maildir": tmp_path / "box"}),
+                   tmp_path / "state.db")  # fmt: skip
+    await imp.start()
+    await hold.arrived(1)
+    first = asyncio.create_task(imp.stop(grace=30))
+    await wait_until(lambda: imp.state.value == "stopped")
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await imp.stop(grace=0)
+    hold.release()
+    assert imp.rounds == 0 and maildir_files(tmp_path / "box") == []
+
+
 def test_build_importers_one_per_entry_sharing_each_mailbox(tmp_path: Path) -> None:
     """Two imports of one mailbox share Graph's 4 requests; state files go under the spool."""
     account = AccountConfig(

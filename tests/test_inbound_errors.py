@@ -45,8 +45,8 @@ def requests_to(emulator: Emulator, end: str, status: int | None = None) -> int:
     )
 
 
-async def state_of(tmp_path: Path) -> ImportState:
-    return await ImportState.open(tmp_path / "state.db", source="relay@contoso.com/inbox")
+async def state_of(imp: Importer) -> ImportState:
+    return await ImportState.open(imp.state_path, source=imp.source)
 
 
 # -- throttling and service trouble -----------------------------------------------------------
@@ -79,7 +79,7 @@ async def test_429_with_a_long_retry_after_defers_the_message_that_long(
         assert (await imp.poll()).counts == counts()  # not due yet
     finally:
         await imp.stop()
-    state = await state_of(tmp_path)
+    state = await state_of(imp)
     try:
         [pending] = await state.due(time.time() + 130)
     finally:
@@ -315,7 +315,7 @@ async def test_a_lost_delta_state_relists_the_folder_without_duplicates(
         await imp.stop()
     assert (report.counts, report.full, report.error) == (counts(imported=1), True, None)
     assert imported_ids(tmp_path) == sorted(f"<ticket-{n}@app.example.org>" for n in range(5))
-    state = await state_of(tmp_path)
+    state = await state_of(imp)
     try:
         assert await state.counts() == {Stage.DONE: 4}
     finally:
@@ -349,7 +349,7 @@ async def test_removed_messages_are_forgotten(
         await imp.poll()
     finally:
         await imp.stop()
-    state = await state_of(tmp_path)
+    state = await state_of(imp)
     try:
         assert await state.counts() == {}
     finally:
@@ -478,10 +478,10 @@ async def test_a_link_to_another_host_is_not_followed(
     emulator: Emulator, sample: SampleTenant, tmp_path: Path
 ) -> None:
     """A delta link is followed verbatim, but only to Graph: it would carry the token."""
-    state = await state_of(tmp_path)
+    imp = maildir_importer(emulator, sample, tmp_path)
+    state = await state_of(imp)
     await state.set_delta_link("https://graph.example.net/v1.0/users/x/messages/delta?t=1")
     await state.aclose()
-    imp = maildir_importer(emulator, sample, tmp_path)
     await imp.start()
     try:
         report = await imp.poll()

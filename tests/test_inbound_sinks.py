@@ -48,8 +48,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def rows(path: Path) -> dict[Stage, int]:
-    state = await ImportState.open(path, source="relay@contoso.com/inbox")
+async def rows(imp: Importer) -> dict[Stage, int]:
+    state = await ImportState.open(imp.state_path, source=imp.source)
     try:
         return await state.counts()
     finally:
@@ -206,7 +206,7 @@ async def test_smtp_4xx_is_retried_and_5xx_quarantined(
         "refused: 554 5.6.0 Message rejected; it stays in the mailbox" in w and "quarantined" in w
         for w in warnings
     )
-    assert await rows(tmp_path / "state.db") == {Stage.DONE: 1, Stage.QUARANTINED: 1}
+    assert await rows(imp) == {Stage.DONE: 1, Stage.QUARANTINED: 1}
 
 
 async def test_an_unreachable_smtp_server_defers(tmp_path: Path) -> None:
@@ -284,7 +284,7 @@ async def test_http_retry_after_is_honoured(
         finally:
             await imp.stop()
     assert (first.counts, second.counts) == (counts(deferred=1), counts())
-    state = await ImportState.open(tmp_path / "state.db", source="relay@contoso.com/inbox")
+    state = await ImportState.open(imp.state_path, source=imp.source)
     try:
         assert await state.due(time.time() + 100) == []
         [pending] = await state.due(time.time() + 130)

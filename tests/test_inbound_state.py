@@ -194,5 +194,6 @@ def test_delta_gone(status: int, body: bytes, gone: bool) -> None:
 def test_retry_delay_doubles_up_to_the_cap_and_honours_retry_after() -> None:
     assert [retry_delay(30, n, None) for n in (1, 2, 3)] == [30, 60, 120]
     assert retry_delay(30, 20, None) == MAX_RETRY_DELAY
+    assert retry_delay(30, 100_000, None) == MAX_RETRY_DELAY  # months of failures
     assert retry_delay(30, 1, 300) == 300
     assert retry_delay(0, 5, None) == 0

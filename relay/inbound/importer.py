@@ -168,7 +168,7 @@ def delta_gone(answer: Answer) -> bool:
 def retry_delay(base: float, attempts: int, retry_after: float | None) -> float:
     """Seconds until try `attempts + 1`: doubling from `base`, at most `MAX_RETRY_DELAY`, never
     before the upstream's Retry-After."""
-    delay = min(MAX_RETRY_DELAY, base * 2 ** max(0, attempts - 1))
+    delay = min(MAX_RETRY_DELAY, base * 2 ** min(max(0, attempts - 1), 32))
     return max(delay, retry_after or 0.0)
 
 
@@ -183,7 +183,7 @@ def _label(message: Incoming) -> str:
     return f"{message.internet_message_id or '(no Message-ID)'} (id {message.id[:24]}…)"
 
 
-_Work = Callable[[], Awaitable["Outcome"]]
+_Work = Callable[[], Awaitable[Outcome]]
 
 
 class _Gone(Exception):
@@ -245,6 +245,11 @@ class Importer:
             f" {self.state.value} rounds={self.rounds}{last}>"
         )
 
+    @property
+    def source(self) -> str:
+        """What the state's delta link belongs to: Graph's host, the mailbox and the folder."""
+        return f"{self._origin}/{self.config.mailbox.lower()}/{self.config.folder.lower()}"
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -255,8 +260,7 @@ class Importer:
             )
         self.state = ImporterState.RUNNING
         try:
-            source = f"{self.config.mailbox.lower()}/{self.config.folder.lower()}"
-            self._store = await ImportState.open(self.state_path, source=source)
+            self._store = await ImportState.open(self.state_path, source=self.source)
             await self._sink.open()
         except BaseException:
             self.state = ImporterState.STOPPED
@@ -266,14 +270,13 @@ class Importer:
 
     async def stop(self, grace: float = 30.0) -> None:
         """Finish the messages in flight (within `grace` seconds, then cancel them), start no
-        others, and close. Safe to call again."""
-        if self.state is ImporterState.STOPPED:
-            return
+        others, and close. Safe to call again: a second call (after the first was cancelled,
+        say) does what is left, with its own grace."""
         self.state = ImporterState.STOPPED
         self._stopping.set()
         self._wake.set()
-        task, self._task = self._task, None
-        if task is not None:
+        task = self._task
+        if task is not None and not task.done():
             await asyncio.wait({task}, timeout=grace)
             if not task.done():
                 log.warning(
@@ -282,8 +285,7 @@ class Importer:
                     self.config.name,
                 )
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await asyncio.wait({task})
         for waiter in (*self._serving, *self._waiters):
             if not waiter.done():
                 waiter.set_exception(RuntimeError(f"importer {self.config.name} stopped"))

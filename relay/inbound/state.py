@@ -4,7 +4,8 @@ One SQLite database per `inbound:` entry, under the spool path (`inbound/NAME.sq
 mode with `synchronous=FULL`: a write has returned only once it is on disk.
 
     meta(key, value)             "delta_link": where the next delta round starts;
-                                 "source": the mailbox/folder the link belongs to
+                                 "source": the Graph host, mailbox and folder the link
+                                 belongs to (another one drops the link)
     messages(id, stage, ...)     one row per message that needs remembering, by Graph id
 
 Stages of a row (a message without a row is new, or was filtered out):
@@ -101,7 +102,7 @@ class ImportState:
 
     @classmethod
     async def open(cls, path: Path, *, source: str) -> ImportState:
-        """Open (or create) the database; a delta link of another mailbox/folder is dropped."""
+        """Open (or create) the database; a delta link of another `source` is dropped."""
         state = cls(path, ThreadPoolExecutor(1, thread_name_prefix=f"inbound-{path.stem}"))
         try:
             await state._run(lambda: state._open(source))
