@@ -239,7 +239,7 @@ def _load_syncfs() -> Callable[[int], int] | None:
         return None
     syncfs.argtypes = [ctypes.c_int]
     syncfs.restype = ctypes.c_int
-    return syncfs  # type: ignore[no-any-return]
+    return syncfs
 
 
 _SYNCFS = _load_syncfs() if sys.platform == "linux" else None
