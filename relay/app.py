@@ -1,14 +1,14 @@
 """`Relay(config)`: the runtime that `relay serve` starts, waits on and stops.
 
-Start order: spool (recovery) -> token providers -> transports -> scheduler -> listeners ->
-admin server (/healthz, /readyz, /metrics; when `admin:` is configured).
+Start order: spool (recovery) -> token providers -> transports -> scheduler -> importers ->
+listeners -> admin server (/healthz, /readyz, /metrics; when `admin:` is configured).
 Stop order is the reverse, each step within the grace period, one failure not skipping the rest:
   0. the admin server stops answering;
   1. listeners drain: new connections get 421, idle sessions end, sessions in DATA finish;
   2. the scheduler stops claiming; deliveries in flight finish or are cancelled (their mail stays
-     queued); meanwhile the listeners go on answering 421;
+     queued); meanwhile the listeners go on answering 421; importers finish their messages;
   3. listeners close, transports close, then the spool (pending commits flushed).
-"""
+SIGHUP (`reload`) swaps in a validated configuration: see `Relay.reload`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from relay.admin import AdminServer
 from relay.config import Config, RouteConfig, Transport, load
 from relay.errors import ConfigError, IntakeRefused, SpoolError, SpoolFull
 from relay.identity import MsalTokenProvider, TokenProvider
+from relay.inbound import Importer, build_importers
 from relay.intake import Client
 from relay.listener import Listener
 from relay.logs import configure as configure_logging
@@ -161,6 +162,7 @@ class Relay:
         self.routes: dict[str, RouteRuntime] = {}
         self.scheduler: Scheduler | None = None
         self.listeners: list[Listener] = []
+        self.importers: list[Importer] = []
         self.metrics = Metrics()
         self.admin: AdminServer | None = None
         self._steps: list[Callable[[float], Awaitable[None]]] | None = None  # left to stop
@@ -181,6 +183,7 @@ class Relay:
             self.tokens.update({name: MsalTokenProvider(acc) for name, acc in cfg.accounts.items()})
             self.metrics.watch(queue=self.spool, tokens=self.tokens)
             await self._start_delivery(cfg)
+            await self._start_importers(cfg)
             intake = RelayIntake(Router(cfg.routes), self.spool, self.metrics)
             for listen in cfg.listeners:
                 listener = Listener(listen, limits=cfg.limits, users=cfg.users, intake=intake)
@@ -200,6 +203,16 @@ class Relay:
             spool=self.spool, routes=self.routes, policy=cfg.spool, metrics=self.metrics
         )
         await self.scheduler.start()
+
+    async def _start_importers(self, cfg: Config) -> None:
+        self.importers = build_importers(cfg, self.tokens, metrics=self.metrics)
+        for importer in self.importers:
+            await importer.start()
+
+    async def _stop_importers(self, grace: float) -> None:
+        importers, self.importers = self.importers, []
+        for importer in importers:
+            await importer.stop(grace)
 
     def _submit(self, entry: QueueEntry) -> None:
         if self.scheduler is not None:
@@ -240,10 +253,12 @@ class Relay:
             await old_scheduler.stop(grace)
         for transport in {id(rt.transport): rt.transport for rt in old_routes.values()}.values():
             await transport.aclose()
+        await self._stop_importers(grace)
         self.tokens.clear()
         self.tokens.update({n: MsalTokenProvider(acc) for n, acc in config.accounts.items()})
         self.config = config
         await self._start_delivery(config)
+        await self._start_importers(config)
         log.info(
             "configuration reloaded: %d routes, %d accounts%s",
             len(config.routes),
@@ -269,6 +284,7 @@ class Relay:
             steps += [lis.drain for lis in self.listeners]
             if self.scheduler is not None:
                 steps.append(self.scheduler.stop)
+            steps.append(self._stop_importers)
             steps += [_ignore_grace(lis.close) for lis in self.listeners]
             transports = {id(rt.transport): rt.transport for rt in self.routes.values()}
             steps += [_ignore_grace(t.aclose) for t in transports.values()]

@@ -19,7 +19,7 @@ import pytest
 from relaykit import relay_config, secret_account, wait_until
 
 from relay.app import Relay, build_routes
-from relay.config import Config, Rate, RouteMatch
+from relay.config import AfterImport, Config, InboundConfig, Rate, RouteMatch
 from relay.config import Transport as RouteTransport
 from relay.identity import MsalTokenProvider
 from relay.spool import QueueAdmin, State
@@ -261,3 +261,29 @@ def test_routes_through_one_mailbox_share_its_limits(
     assert runtimes["default"].pacer is runtimes["alerts"].pacer
     assert runtimes["default"].pacer.interval == 6.0
     assert "busy=0/3" in repr(runtimes["alerts"].transport)
+
+
+async def test_relay_imports_inbound_mail_beside_outbound(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path, start
+) -> None:
+    """`inbound:` runs inside the relay: a message in the mailbox lands in the maildir once,
+    and is marked read in the mailbox afterwards."""
+    mime = b"From: a@example.org\r\nTo: relay@contoso.com\r\nSubject: hello\r\n\r\nhi\r\n"
+    emulator.graph.deliver(sample.mailbox, mime)
+    maildir = tmp_path / "maildir"
+    base = relay_config(emulator, sample, tmp_path / "spool")
+    inbound = InboundConfig(
+        name="inbox",
+        account="contoso",
+        mailbox=sample.mailbox,
+        poll_interval=60.0,
+        deliver={"maildir": maildir},
+        after=AfterImport.MARK_READ,
+    )
+    relay = await start(replace(base, inbound=(inbound,)))
+    (importer,) = relay.importers
+    await wait_until(lambda: (maildir / "new").is_dir() and any((maildir / "new").iterdir()))
+    (stored,) = list((maildir / "new").iterdir())
+    assert stored.read_bytes().endswith(mime)
+    await wait_until(lambda: all(m.is_read for m in emulator.graph.messages(sample.mailbox)))
+    assert "maildir" in repr(importer)
