@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import textwrap
 from dataclasses import dataclass
 
 from relay.config import (
@@ -43,6 +44,7 @@ from relay.identity import (
     account_scopes,
     requested_scopes,
 )
+from relay.transports.graph import graph_save_to_sent_items_note
 
 MASK = "********"
 
@@ -173,6 +175,9 @@ def _route(route: RouteConfig) -> list[str]:
     ]
     if route.transport is Transport.GRAPH:
         lines.append(f"    save_to_sent_items: {str(route.save_to_sent_items).lower()}")
+        note = graph_save_to_sent_items_note(route)
+        if note:
+            lines += [f"    note: {line}" for line in textwrap.wrap(note, 88)]
     return lines
 
 

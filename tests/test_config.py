@@ -1463,6 +1463,18 @@ def test_describe_shows_the_resolved_config(tmp_path: Path) -> None:
     ]
 
 
+def test_describe_says_when_graph_cannot_keep_the_message_as_sent(tmp_path: Path) -> None:
+    """save_to_sent_items: false needs Graph's JSON sendMail, which rebuilds the message:
+    `relay check` says so."""
+    text = BASE + "    transport: graph\n    save_to_sent_items: false\n"
+    shown = describe(loads(text, source=str(tmp_path / "relay.yaml"), environ={}))
+    notes = " ".join(
+        line.removeprefix("    note: ") for line in shown.splitlines() if "note:" in line
+    )
+    assert notes.startswith("route default: save_to_sent_items: false makes relay use Graph's")
+    assert "Exchange keeps those in Sent Items regardless." in notes
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"), [(90, "1m30s"), (432_000, "5d"), (0.5, "0.5s"), (3600, "1h")]
 )
