@@ -150,8 +150,9 @@ class TokenProvider(Protocol):
         ...
 
 
-class CredentialUnreadable(Exception):
-    """A credential file could not be used; the text says which and why (never its content)."""
+class CredentialUnusable(Exception):
+    """A credential (or a user's sign-in) cannot be used; the text says which, why and what to
+    do, never its content."""
 
 
 class _TLSAdapter(HTTPAdapter):
@@ -197,11 +198,11 @@ class FederatedToken:
             token = self.path.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else "not text"
-            raise CredentialUnreadable(
+            raise CredentialUnusable(
                 f"cannot read federated_token_file {self.path}: {why}"
             ) from None
         if not token:
-            raise CredentialUnreadable(f"federated_token_file {self.path} is empty")
+            raise CredentialUnusable(f"federated_token_file {self.path} is empty")
         return token
 
 
@@ -215,7 +216,7 @@ def msal_credential(account: AccountConfig) -> Any:
         try:
             pair = read_certificate(cred)
         except CertificateProblem as problem:
-            raise CredentialUnreadable(f"certificate: {problem.message}") from None
+            raise CredentialUnusable(f"certificate: {problem.message}") from None
         # With the certificate, MSAL signs PS256 and sends x5t#S256 and x5c (reference §3.3).
         return {
             "private_key": pair.key_pem.decode(),
@@ -248,9 +249,9 @@ class TokenCacheFile:
             return
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else "not text"
-            raise CredentialUnreadable(f"cannot read the token cache {self.path}: {why}") from None
+            raise CredentialUnusable(f"cannot read the token cache {self.path}: {why}") from None
         except ValueError:
-            raise CredentialUnreadable(f"the token cache {self.path} is damaged") from None
+            raise CredentialUnusable(f"the token cache {self.path} is damaged") from None
         self._seen = _signature(st)
 
     def save(self) -> None:
@@ -261,13 +262,15 @@ class TokenCacheFile:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CACHE_MODE)
         try:
             os.fchmod(fd, CACHE_MODE)  # a leftover temporary file may have had another mode
-            with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as out:
-                out.write(self.cache.serialize())
-                out.flush()
-                os.fsync(out.fileno())
+            with os.fdopen(fd, "wb", closefd=False) as out:
+                out.write(self.cache.serialize().encode())
+            os.fsync(fd)
+            tmp.replace(self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
-        tmp.replace(self.path)
         _fsync_directory(self.path.parent)
         self._seen = _signature(self.path.stat())
         self.cache.has_state_changed = False
@@ -357,7 +360,7 @@ class _SignedInUser:
             self._app = public_application(self._account, self._file.cache)
         signed_in = self._app.get_accounts(username=self._user)
         if not signed_in:
-            raise CredentialUnreadable(
+            raise CredentialUnusable(
                 f"{self._user} is not signed in (no token in {self._file.path}); run "
                 f"`relay login {self._account.name}`"
             )
@@ -366,9 +369,17 @@ class _SignedInUser:
             scopes, signed_in[0], force_refresh=key in self._stale
         )
         self._stale.discard(key)
-        self._file.save()
+        try:
+            self._file.save()
+        except OSError as exc:  # the old refresh token stays valid: keep going, say so
+            log.warning(
+                "account %s: cannot save the renewed tokens to %s: %s",
+                self._account.name,
+                self._file.path,
+                exc.strerror,
+            )
         if result is None:  # signed in once, but no refresh token left
-            raise CredentialUnreadable(
+            raise CredentialUnusable(
                 f"no refresh token for {self._user} in {self._file.path}; run "
                 f"`relay login {self._account.name}`"
             )
@@ -417,7 +428,7 @@ class MsalTokenProvider:
             ) from None
         except msal.exceptions.MsalError as exc:  # MsalServiceError: the token endpoint's 5xx
             raise TokenUnavailable(Reply(451, "4.7.0", f"identity platform error: {exc}")) from None
-        except CredentialUnreadable as exc:
+        except CredentialUnusable as exc:
             log.error("account %s: %s", self.account.name, exc)
             raise TokenRejected(
                 Reply(535, "5.7.3", f"account {self.account.name}: {exc}")

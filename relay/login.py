@@ -45,6 +45,7 @@ _REMEDIES: dict[str | int, str] = {
     "expired_token": "run `relay login {name}` again and enter the code before it expires",
     7000218: 'the app registration needs "Allow public client flows" set to Yes '
     "(Authentication page)",
+    65001: "grant the app its delegated permissions: API permissions, Grant admin consent",
 }
 
 

@@ -211,6 +211,28 @@ def test_the_scopes_follow_the_routes_and_imports(
     assert account_scopes(unused, "contoso") == [EXCHANGE_SCOPE]
 
 
+async def test_graph_permissions_not_granted_saves_nothing(
+    emulator: Emulator, sample: SampleTenant, public_app: App, tmp_path: Path
+) -> None:
+    """The app has consent for SMTP.Send only: the sign-in works, Graph does not, and nothing
+    half-done is kept."""
+    public_app.delegated_permissions = {"SMTP.Send"}
+    account = delegated_account(emulator, sample, tmp_path / "spool")
+    with pytest.raises(LoginFailed) as failed:
+        await login(
+            account, [EXCHANGE_SCOPE, GRAPH_SCOPE], prompt=signs_in_as(emulator, sample.mailbox)
+        )
+    assert str(failed.value) == (
+        "signed in, but no token for https://graph.microsoft.com/Mail.Send "
+        "https://graph.microsoft.com/Mail.ReadWrite: invalid_grant: AADSTS65001: The user or "
+        f"administrator has not consented to use the application with ID '{PUBLIC_CLIENT_ID}' "
+        "named 'relay'. Send an interactive authorization request for this user and resource. "
+        "(grant the app its delegated permissions: API permissions, Grant admin consent); "
+        "nothing was saved"
+    )
+    assert account.token_cache is not None and not account.token_cache.exists()
+
+
 async def test_an_expired_code_saves_nothing(
     emulator: Emulator, sample: SampleTenant, public_app: App, tmp_path: Path
 ) -> None:
@@ -361,6 +383,43 @@ async def test_a_damaged_or_unreadable_cache(
         f"535 5.7.3 account contoso: cannot read the token cache {account.token_cache}: "
         "Is a directory"
     )
+
+
+async def test_a_cache_without_a_refresh_token(
+    emulator: Emulator, sample: SampleTenant, public_app: App, tmp_path: Path
+) -> None:
+    """Signed in once, but the tokens were removed from the cache (by hand, or a revocation)."""
+    account = await signed_in(emulator, sample, tmp_path)
+    assert account.token_cache is not None
+    cache = json.loads(account.token_cache.read_text())
+    cache["RefreshToken"], cache["AccessToken"] = {}, {}
+    account.token_cache.write_text(json.dumps(cache))
+    with pytest.raises(TokenRejected) as refused:
+        await MsalTokenProvider(account).token(EXCHANGE_SCOPE)
+    assert str(refused.value) == (
+        f"535 5.7.3 account contoso: no refresh token for relay@contoso.com in "
+        f"{account.token_cache}; run `relay login contoso`"
+    )
+
+
+async def test_renewed_tokens_that_cannot_be_saved_are_still_used(
+    emulator: Emulator, sample: SampleTenant, public_app: App, tmp_path: Path, caplog
+) -> None:
+    """A full disk or a read-only spool: the token still serves, and the log says why the
+    cache was not rewritten (the old refresh token stays valid)."""
+    caplog.set_level(logging.WARNING, logger="relay")
+    account = await signed_in(emulator, sample, tmp_path)
+    assert account.token_cache is not None
+    before = account.token_cache.read_text()
+    blocked = account.token_cache.with_name(f".{account.token_cache.name}.{os.getpid()}.tmp")
+    blocked.mkdir()  # where the new cache would be written
+    provider = MsalTokenProvider(account)
+    provider.invalidate(EXCHANGE_SCOPE)
+    assert await provider.token(EXCHANGE_SCOPE)
+    assert account.token_cache.read_text() == before
+    assert [r.getMessage() for r in caplog.records] == [
+        f"account contoso: cannot save the renewed tokens to {account.token_cache}: Is a directory"
+    ]
 
 
 async def test_a_relay_defers_on_an_expired_sign_in_and_delivers_after_a_new_one(

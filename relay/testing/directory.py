@@ -58,6 +58,7 @@ class App:
     roles: set[str] = field(default_factory=lambda: set(ALL_ROLES))  # consented app permissions
     object_id: str = field(default_factory=lambda: str(uuid.uuid4()))  # service principal id
     public_client: bool = False  # "Allow public client flows": device-code sign-in without secret
+    delegated_permissions: set[str] | None = None  # consented for users (scp); None: all of them
 
     def add_secret(self, value: str, *, expires: datetime | None = None) -> Secret:
         secret = Secret(value, expires)

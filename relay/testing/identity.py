@@ -18,8 +18,9 @@ code or refresh token grant needs "Allow public client flows" on the app (`App.p
 or an app credential. It answers with an access token for the user (`scp`, `upn`), a refresh
 token, an ID token and `client_info`; a refresh token can be redeemed for any resource the
 emulator knows. `expire_refresh_tokens` makes the tokens issued so far fail as after 90 days of
-inactivity (`invalid_grant`, AADSTS700082). Consent is not modelled: every known delegated
-permission is granted.
+inactivity (`invalid_grant`, AADSTS700082). Consent is what the tenant recorded for the app
+(`App.delegated_permissions`; None grants every permission the resource defines); a token for
+more gets AADSTS65001. The browser's consent prompt is not modelled.
 
 Fails as Microsoft does: a JSON body `{error, error_description "AADSTSnnn: …\\r\\nTrace ID: …",
 error_codes, timestamp, trace_id, correlation_id, error_uri}` with 400 (401 for `invalid_client`),
@@ -264,6 +265,13 @@ REFRESH_TOKEN_EXPIRED = AadError(  # [M] (real captures, e.g. sasl-xoauth2 #30)
     400,
     "The refresh token has expired due to inactivity. The token was issued on {issued} and was "
     "inactive for {inactive}.",
+)
+CONSENT_MISSING = AadError(  # [M]
+    65001,
+    "invalid_grant",
+    400,
+    "The user or administrator has not consented to use the application with ID '{app_id}' "
+    "named '{name}'. Send an interactive authorization request for this user and resource.",
 )
 REFRESH_TOKEN_INVALID = AadError(  # [M]
     9002313, "invalid_grant", 400, "Invalid request. Request is malformed or invalid."
@@ -698,6 +706,9 @@ class IdentityPlatform:
         permissions: frozenset[str],
     ) -> dict[str, object]:
         """Microsoft's answer to a user's grant: access, refresh and ID tokens, client_info."""
+        consented = app.delegated_permissions
+        if consented is not None and not permissions <= consented:
+            raise _Refusal(CONSENT_MISSING, app_id=app.client_id, name=app.display_name)
         access_token = self.issuer.issue(
             audience=resource,
             tenant_id=user.tenant_id,
