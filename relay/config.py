@@ -28,6 +28,7 @@ import difflib
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -1076,7 +1077,7 @@ def _account(name: str, at: _At, spool: SpoolConfig) -> AccountConfig:
     m = at.mapping(_ACCOUNT_KEYS)
     kw: dict[str, Any] = {}
     m.put(kw, "cloud", lambda a: a.enum(Cloud))
-    m.put(kw, "ca_file", _At.readable_file)
+    m.put(kw, "ca_file", _ca_file)
     cloud = kw.setdefault("cloud", Cloud.GLOBAL)
     tenant_id = _tenant_id(
         m.require("tenant_id", hint="the directory (tenant) ID of your Entra tenant")
@@ -1095,6 +1096,20 @@ def _account(name: str, at: _At, spool: SpoolConfig) -> AccountConfig:
         endpoints=_endpoints(m.section("endpoints"), CLOUD_ENDPOINTS[cloud]),
         **kw,
     )
+
+
+def _ca_file(at: _At) -> Path:
+    """Trust anchors in PEM, as TLS will load them for the identity platform, SMTP and Graph."""
+    path = at.readable_file()
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, UnicodeDecodeError):
+        raise at.error(
+            f"{path} holds no PEM certificate",
+            hint="give CA certificates in PEM (-----BEGIN CERTIFICATE-----), like the "
+            "emulator's ca.pem",
+        ) from None
+    return path
 
 
 def _tenant_id(at: _At) -> str:

@@ -289,7 +289,7 @@ def test_cloud_presets(cloud: Cloud) -> None:
 
 
 def test_endpoint_overrides_replace_only_what_they_name(tmp_path: Path) -> None:
-    write(tmp_path / "ca.pem")
+    write(tmp_path / "ca.pem", app_certificate()[0])
     text = BASE.replace(
         "  contoso:\n",
         "  contoso:\n"
@@ -1382,10 +1382,27 @@ def test_file_errors_name_the_path(tmp_path: Path) -> None:
     assert error(text, source=source) == (
         f"{source}:5: accounts.contoso.ca_file: cannot read {tmp_path / 'ca'}: Is a directory"
     )
+    write(tmp_path / "not-a-ca.pem", "-----BEGIN NOTHING-----\n")
+    text = BASE.replace("  contoso:\n", "  contoso:\n    ca_file: not-a-ca.pem\n")
+    assert error(text, source=source) == (
+        f"{source}:5: accounts.contoso.ca_file: {tmp_path / 'not-a-ca.pem'} holds no PEM "
+        "certificate (give CA certificates in PEM (-----BEGIN CERTIFICATE-----), like the "
+        "emulator's ca.pem)"
+    )
     text = _with_credential("    certificate: {key_file: key.pem, cert_file: cert.pem}\n")
     assert error(text, source=source) == (
         f"{source}:7: accounts.contoso.certificate.key_file: cannot read "
         f"{tmp_path / 'key.pem'}: No such file or directory"
+    )
+    text = _with_credential("    certificate: {pfx_file: app.pfx, passphrase_file: pass}\n")
+    assert error(text, source=source) == (
+        f"{source}:7: accounts.contoso.certificate.passphrase_file: cannot read "
+        f"{tmp_path / 'pass'}: No such file or directory"
+    )
+    text = _with_credential("    federated_token_file: /nonexistent/token\n")
+    assert error(text, source=source) == (
+        f"{source}:7: accounts.contoso.federated_token_file: cannot read /nonexistent/token: "
+        "No such file or directory"
     )
 
 
