@@ -8,7 +8,8 @@ Takes a file path (and the environment for `${VAR}` interpolation); gives a `Con
 The loader stops at the first mistake, so each message stands alone and is exact; fix it and run
 `relay check` again. Parsing has no side effects: it opens no sockets, configures no logging and
 creates no directories. It reads only the files the config names: `*_file` secrets are read now;
-certificates and CA bundles are only opened, to prove they are readable.
+an account's certificate is opened with its passphrase and its CA bundle loaded, to prove they
+work; listener certificates and a federated token file (which rotates) are only opened.
 
 Rules the loader applies everywhere:
   * unknown keys, duplicate keys and values of the wrong type are errors;
