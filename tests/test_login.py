@@ -490,25 +490,27 @@ async def test_exchange_takes_a_users_token_only_for_their_own_mailbox(
     token = await MsalTokenProvider(await signed_in(emulator, sample, tmp_path)).token(
         EXCHANGE_SCOPE
     )
-    for mailbox, reply in (
-        (sample.mailbox, "235 2.7.0 Authentication successful"),
-        (sample.shared_mailbox, f"{ex.AUTH_UNSUCCESSFUL.code} {ex.AUTH_UNSUCCESSFUL.status}"),
-    ):
-        client = aiosmtplib.SMTP(
-            hostname=emulator.smtp_host,
-            port=emulator.smtp_port,
-            tls_context=emulator.pki.client_context(),
-            timeout=10,
-        )
-        await client.connect()
-        try:
-            answer = await client.auth_xoauth2(mailbox, token)
-            got = f"{answer.code} {answer.message}"
-        except aiosmtplib.SMTPAuthenticationError as refused:
-            got = f"{refused.code} {refused.message}"
-        finally:
-            client.close()
-        assert got.startswith(reply), (mailbox, got)
+    assert await xoauth2(emulator, sample.mailbox, token) == "235 2.7.0"
+    refused = f"{ex.AUTH_UNSUCCESSFUL.code} {ex.AUTH_UNSUCCESSFUL.status}"
+    assert await xoauth2(emulator, sample.shared_mailbox, token) == refused
+
+
+async def xoauth2(emulator: Emulator, mailbox: str, token: str) -> str:
+    """AUTH XOAUTH2 at the emulated Exchange: the reply's code and status."""
+    client = aiosmtplib.SMTP(
+        hostname=emulator.smtp_host,
+        port=emulator.smtp_port,
+        tls_context=emulator.pki.client_context(),
+        timeout=10,
+    )
+    await client.connect()
+    try:
+        answer = await client.auth_xoauth2(mailbox, token)
+        return f"{answer.code} {answer.message.split()[0]}"
+    except aiosmtplib.SMTPAuthenticationError as refused:
+        return f"{refused.code} {refused.message.split()[0]}"
+    finally:
+        client.close()
 
 
 # --- the emulated identity platform's device code and refresh token answers --------------------
@@ -703,3 +705,74 @@ async def test_relay_login_refuses_what_it_cannot_sign_in(
     out, err = await proc.communicate()
     assert (proc.returncode, out.decode()) == (status, "")
     assert err.decode() == message.format(config=config) + "\n"
+
+
+async def test_an_unknown_resource_for_a_user(
+    emulator: Emulator, sample: SampleTenant, public_app: App
+) -> None:
+    status, body = await post(
+        emulator,
+        f"/{sample.tenant_id}/oauth2/v2.0/devicecode",
+        {"client_id": PUBLIC_CLIENT_ID, "scope": "https://example.com/User.Read openid"},
+    )
+    assert (status, body["error_codes"]) == (400, [500011])
+    assert body["error_description"].startswith(
+        "AADSTS500011: The resource principal named https://example.com was not found"
+    )
+
+
+async def test_a_refresh_token_works_only_for_its_app(
+    emulator: Emulator, sample: SampleTenant, public_app: App, tmp_path: Path
+) -> None:
+    """A made-up refresh token, or a real one presented by another app: AADSTS9002313."""
+    await signed_in(emulator, sample, tmp_path)
+    (real,) = emulator.identity.refresh_tokens
+    other = sample.directory.tenants[sample.tenant_id].add_app()
+    other.public_client = True
+    for client_id, token in ((PUBLIC_CLIENT_ID, "1.AQ-made-up"), (other.client_id, real)):
+        status, body = await post(
+            emulator,
+            f"/{sample.tenant_id}/oauth2/v2.0/token",
+            {
+                "grant_type": "refresh_token",
+                "client_id": client_id,
+                "refresh_token": token,
+                "scope": SMTP_SEND,
+            },
+        )
+        assert (status, body["error"], body["error_codes"]) == (400, "invalid_grant", [9002313])
+
+
+async def test_exchange_wants_smtp_send_in_a_users_token(
+    emulator: Emulator, sample: SampleTenant, public_app: App, tmp_path: Path
+) -> None:
+    """A user's Exchange token for IMAP only does not open SMTP AUTH."""
+    await signed_in(emulator, sample, tmp_path)
+    (refresh,) = emulator.identity.refresh_tokens
+    _, imap = await post(
+        emulator,
+        f"/{sample.tenant_id}/oauth2/v2.0/token",
+        {
+            "grant_type": "refresh_token",
+            "client_id": PUBLIC_CLIENT_ID,
+            "refresh_token": refresh,
+            "scope": "https://outlook.office.com/IMAP.AccessAsUser.All",
+        },
+    )
+    assert await xoauth2(emulator, sample.mailbox, imap["access_token"]) == "535 5.7.3"
+
+
+async def test_only_a_mailbox_of_the_tenant_can_approve(
+    emulator: Emulator, sample: SampleTenant, public_app: App
+) -> None:
+    """The test hook refuses what no user could do: an unknown code, or a user who is not a
+    mailbox of the code's tenant."""
+    with pytest.raises(KeyError):
+        emulator.identity.approve("NOSUCHCOD", user=sample.mailbox)
+    _, started = await post(
+        emulator,
+        f"/{sample.tenant_id}/oauth2/v2.0/devicecode",
+        {"client_id": PUBLIC_CLIENT_ID, "scope": SMTP_SEND},
+    )
+    with pytest.raises(ValueError, match="nobody@contoso.com is no mailbox of tenant"):
+        emulator.identity.approve(started["user_code"], user="nobody@contoso.com")
