@@ -8,8 +8,8 @@ Secrets show as `********`.
 `--online` then asks the identity platform for a token per account and use (Exchange for its
 SMTP routes, Graph for its Graph routes and imports), as `relay serve` would, and prints `ok` or
 the refusal with its AADSTS code; it returns 1 when any failed. A delegated account's token comes
-from the cache `relay login` left, so this also says whether its sign-in still works (a refresh
-it needed is saved, as serve would). No mail is sent.
+from the cache `relay login` left, so this also says whether its sign-in still works; the cache
+file is left as it is (check may run as another user than serve). No mail is sent.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ async def check_tokens(config: Config) -> list[TokenCheck]:
     """A token for each account and each use it has, accounts side by side."""
 
     async def one(account: AccountConfig) -> list[TokenCheck]:
-        provider = MsalTokenProvider(account)
+        provider = MsalTokenProvider(account, read_only=True)
         checks = []
         for scope in account_scopes(config, account.name):
             error: str | None = None

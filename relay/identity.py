@@ -338,11 +338,13 @@ class _ClientCredentials:
 
 
 class _SignedInUser:
-    """A user's tokens from the cache `relay login` left; refreshed silently, saved back."""
+    """A user's tokens from the cache `relay login` left; refreshed silently, saved back unless
+    `read_only` (the old refresh token stays valid, so not saving loses nothing)."""
 
-    def __init__(self, account: AccountConfig) -> None:
+    def __init__(self, account: AccountConfig, *, read_only: bool) -> None:
         assert account.token_cache is not None and account.credential.user is not None
         self._account = account
+        self._read_only = read_only
         self._user = account.credential.user
         self._file = TokenCacheFile(account.token_cache)
         self._app: msal.PublicClientApplication | None = None
@@ -370,7 +372,8 @@ class _SignedInUser:
         )
         self._stale.discard(key)
         try:
-            self._file.save()
+            if not self._read_only:
+                self._file.save()
         except OSError as exc:  # the old refresh token stays valid: keep going, say so
             log.warning(
                 "account %s: cannot save the renewed tokens to %s: %s",
@@ -396,12 +399,17 @@ def refusal_text(result: Mapping[str, Any]) -> str:
 
 
 class MsalTokenProvider:
-    """Tokens for one account: an app's (client credentials), or a signed-in user's."""
+    """Tokens for one account: an app's (client credentials), or a signed-in user's.
 
-    def __init__(self, account: AccountConfig) -> None:
+    `read_only` leaves a signed-in user's token cache file as it is: for commands that may run
+    as another operating-system user than `relay serve` (`relay check --online`), which would
+    otherwise leave the file owned by them and unreadable to serve.
+    """
+
+    def __init__(self, account: AccountConfig, *, read_only: bool = False) -> None:
         self.account = account
         self._flow: _Flow = (
-            _SignedInUser(account)
+            _SignedInUser(account, read_only=read_only)
             if account.credential.kind is CredentialKind.DELEGATED
             else _ClientCredentials(account)
         )

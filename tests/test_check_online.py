@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from credkit import write_certificate_files
 
+from relay.config import load
+from relay.identity import EXCHANGE_SCOPE
+from relay.login import login
 from relay.testing.emulator import Emulator, SampleTenant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +166,46 @@ async def test_online_check_of_a_delegated_account_not_signed_in(
         "  frontdesk, smtp (https://outlook.office.com/SMTP.Send): FAILED: account frontdesk: "
         f"alerts@contoso.com is not signed in (no token in {cache}); run `relay login frontdesk`",
     ]
+
+
+async def test_online_check_of_a_signed_in_account_leaves_its_cache_alone(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path
+) -> None:
+    """The sign-in works (its refresh token is redeemed), and the cache file is not rewritten:
+    check may run as root, serve as another user who must still read the file."""
+    emulator.identity.device_code_interval = 0
+    emulator.identity.token_lifetime = 60  # under MSAL's 5 minutes: the check must refresh
+    app = sample.directory.tenants[sample.tenant_id].add_app()
+    app.public_client = True
+    extra_account = (
+        "  frontdesk:\n"
+        f"    tenant_id: {sample.tenant_id}\n"
+        f"    client_id: {app.client_id}\n"
+        f"    delegated_user: {sample.mailbox}\n"
+        f'    endpoints: {{authority: "{emulator.authority}"}}\n'
+        f"    ca_file: {emulator.ca_file}\n"
+    )
+    config = write_config(
+        tmp_path, emulator, sample, secret=sample.client_secret, extra_accounts=extra_account
+    )
+    account = load(config).accounts["frontdesk"]
+    await login(
+        account,
+        [EXCHANGE_SCOPE],
+        prompt=lambda message: emulator.identity.approve(
+            message.split("enter the code ")[1].split()[0], user=sample.mailbox
+        ),
+    )
+    assert account.token_cache is not None
+    before = account.token_cache.read_bytes()
+    status, out, err = await relay_check(tmp_path, config, "--online")
+    assert (status, err) == (0, "")
+    assert tokens_section(out)[-1] == (
+        "  frontdesk, smtp (https://outlook.office.com/SMTP.Send): ok"
+    )
+    grants = [r.form.get("grant_type") for r in emulator.identity.requests]
+    assert grants.count("refresh_token") == 1
+    assert account.token_cache.read_bytes() == before
 
 
 async def test_online_check_of_an_unreachable_identity_platform(
