@@ -13,7 +13,7 @@ from email.policy import SMTP
 from typing import Any
 
 import pytest
-from graphkit import FOREIGN, MAILBOX, OTHER, SEND_AS, GraphKit, graph_kit, mime
+from graphkit import FOREIGN, MAILBOX, OTHER, SEND_AS, GraphKit, graph_kit, issuer, mime
 
 from relay.testing.directory import MAIL_READWRITE, MAIL_SEND
 from relay.testing.graph import (
@@ -30,7 +30,7 @@ from relay.testing.graph import (
     THROTTLED_CONCURRENCY,
     SendRoute,
 )
-from relay.testing.tokens import EXCHANGE_AUDIENCE
+from relay.testing.tokens import EXCHANGE_AUDIENCE, GRAPH_AUDIENCE, User
 
 USER = f"/users/{MAILBOX}"
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -923,3 +923,41 @@ async def test_upload_to_a_deleted_draft_is_item_not_found(kit: GraphKit) -> Non
     await call(kit, "DELETE", f"{USER}/messages/{draft['id']}")
     [(status, body, _)] = await upload(kit, session["uploadUrl"], b"0123456789", 10)
     assert (status, error(body)) == (404, ("ErrorItemNotFound", ITEM_NOT_FOUND))
+
+
+@pytest.mark.parametrize(
+    ("upn", "scopes", "status"),
+    [
+        (MAILBOX, {MAIL_SEND}, 202),  # the signed-in user sends as themself
+        (MAILBOX, {MAIL_READWRITE}, 403),  # without the delegated Mail.Send
+        (OTHER, {MAIL_SEND}, 403),  # another user's mailbox
+    ],
+)
+async def test_delegated_tokens_reach_only_the_signed_in_users_mailbox(
+    kit: GraphKit, upn: str, scopes: set[str], status: int
+) -> None:
+    """A user's token carries delegated permissions (`scp`), not roles, and opens only that
+    user's own mailbox; anything else is 403 ErrorAccessDenied."""
+    token = issuer().issue(
+        audience=GRAPH_AUDIENCE,
+        tenant_id=kit.tenant_id,
+        app_id=kit.app.client_id,
+        roles=set(),
+        object_id=kit.app.object_id,
+        lifetime=3600,
+        user=User(upn=MAILBOX, object_id="u-1", tenant_id=kit.tenant_id),
+        scopes=scopes,
+    )
+    payload = {
+        "message": {"subject": "x", "toRecipients": [{"emailAddress": {"address": "a@b.c"}}]}
+    }
+    got, body, _ = await call(
+        kit,
+        "POST",
+        f"/users/{upn}/sendMail",
+        json=payload,
+        token={"Authorization": f"Bearer {token}"},
+    )
+    assert got == status
+    if status == 403:
+        assert error(body) == ("ErrorAccessDenied", ACCESS_DENIED)

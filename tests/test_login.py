@@ -776,3 +776,26 @@ async def test_only_a_mailbox_of_the_tenant_can_approve(
     )
     with pytest.raises(ValueError, match=r"^nobody@contoso\.com is no mailbox of tenant "):
         emulator.identity.approve(started["user_code"], user="nobody@contoso.com")
+
+
+async def test_a_signed_in_user_sends_through_a_graph_route(
+    emulator: Emulator, sample: SampleTenant, public_app: App, tmp_path: Path
+) -> None:
+    """Delegated Graph end to end: `relay login` once, then the relay delivers with the user's
+    own token through sendMail (the emulated Graph accepts it only for that user's mailbox)."""
+    account = delegated_account(emulator, sample, tmp_path / "spool")
+    config = relay_config(
+        emulator, sample, tmp_path / "spool", account=account, transport=Transport.GRAPH
+    )
+    await login(
+        account, account_scopes(config, "contoso"), prompt=signs_in_as(emulator, sample.mailbox)
+    )
+    relay = Relay(config)
+    await relay.start()
+    try:
+        await asyncio.to_thread(send, relay.listeners[0].port, 7)
+        await wait_until(lambda: bool(emulator.graph.sent))
+    finally:
+        await relay.stop(grace=2)
+    (sent,) = emulator.graph.sent
+    assert sent.mailbox == sample.mailbox

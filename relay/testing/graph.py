@@ -131,7 +131,7 @@ def _bad_request(message: str) -> GraphError:
 
 
 class Need(Enum):
-    """What a request needs in the token's roles."""
+    """What a request needs in the token's roles (app-only) or scopes (delegated)."""
 
     READ = frozenset({MAIL_READ, MAIL_READWRITE})
     WRITE = frozenset({MAIL_READWRITE})
@@ -690,12 +690,17 @@ class GraphService:
                 TOKEN_MESSAGES[refused.problem],
                 headers={"WWW-Authenticate": WWW_AUTHENTICATE},
             ) from None
-        if not need.value & claims.roles:
+        # App-only tokens carry application permissions (`roles`); a signed-in user's token
+        # carries delegated ones (`scp`) and reaches only that user's own mailbox.
+        granted = claims.scopes if claims.upn else claims.roles
+        if not need.value & granted:
             raise GraphError(403, "ErrorAccessDenied", ACCESS_DENIED)
         found = self._directory.mailbox(upn)
         if found is None or found[0].tenant_id != claims.tenant_id:
             raise GraphError(404, "ErrorInvalidUser", INVALID_USER.format(upn=upn))
         tenant, box = found
+        if claims.upn and claims.upn.lower() != box.address.lower():
+            raise GraphError(403, "ErrorAccessDenied", ACCESS_DENIED)
         request[_MAILBOX] = box.address.lower()
         return _Caller(
             upn=upn, tenant=tenant, box=box, store=self.store(box.address), claims=claims
