@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,21 @@ async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], limit: flo
             if got:
                 return
             await asyncio.sleep(0.02)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def relay_command(cwd: Path, *args: str) -> asyncio.subprocess.Process:
+    """`python -m relay ARGS` from this checkout, in `cwd`, output piped, no standard input."""
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    }
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "relay", *args),
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )

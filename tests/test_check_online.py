@@ -3,13 +3,11 @@ prints for each account, and its exit status (0 fine, 1 a token request failed, 
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from pathlib import Path
 
 import pytest
 from credkit import write_certificate_files
+from relaykit import relay_command
 
 from relay.config import load
 from relay.identity import EXCHANGE_SCOPE
@@ -68,22 +66,7 @@ inbound:
 
 
 async def relay_check(tmp_path: Path, config: Path, *args: str) -> tuple[int, str, str]:
-    env = os.environ | {
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        "check",
-        "-c",
-        str(config),
-        *args,
-        cwd=tmp_path,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await relay_command(tmp_path, "check", "-c", str(config), *args)
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()

@@ -14,7 +14,6 @@ import logging
 import os
 import smtplib
 import stat
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import aiosmtplib
 import pytest
-from relaykit import emulator_endpoints, relay_config, wait_until
+from relaykit import emulator_endpoints, relay_command, relay_config, wait_until
 
 from relay.app import Relay
 from relay.config import (
@@ -626,22 +625,6 @@ spool: {{path: spool}}
 """
     )
     return path
-
-
-async def relay_command(tmp_path: Path, *args: str) -> asyncio.subprocess.Process:
-    env = os.environ | {
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    }
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        *args,
-        cwd=tmp_path,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
 
 
 async def test_relay_login_command(

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import re
 import signal
 import smtplib
-import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from urllib.parse import quote_plus
 
 import pytest
 from credkit import write_certificate_files
-from relaykit import wait_until
+from relaykit import relay_command, wait_until
 
 from relay.app import Relay
 from relay.config import AccountConfig, load, loads
@@ -140,23 +138,6 @@ log: {{level: {level}}}
 """
     )
     return path
-
-
-async def relay_command(tmp_path: Path, *args: str) -> asyncio.subprocess.Process:
-    env = os.environ | {
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    }
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        *args,
-        cwd=tmp_path,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
 
 
 async def run(tmp_path: Path, outputs: Outputs, *args: str) -> int:
