@@ -14,7 +14,6 @@ from relay.identity import EXCHANGE_SCOPE
 from relay.login import login
 from relay.testing.emulator import Emulator, SampleTenant
 
-REPO = Path(__file__).resolve().parents[1]
 WRONG_SECRET = "Wr0ng~secret.for-check-online"
 
 

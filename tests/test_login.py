@@ -51,7 +51,6 @@ from relay.testing.identity import (
 from relay.testing.smtp import Phase, shutdown
 from relay.testing.tokens import EXCHANGE_DELEGATED_AUDIENCE, GRAPH_AUDIENCE
 
-REPO = Path(__file__).resolve().parents[1]
 PUBLIC_CLIENT_ID = "9b3f6a2c-7d41-4e8a-b0c5-2f1e8d7a6c93"  # "Allow public client flows": Yes
 SMTP_SEND = "https://outlook.office.com/SMTP.Send"
 

@@ -33,7 +33,6 @@ from relay.passwords import hash_password
 from relay.testing.emulator import Emulator, SampleTenant
 from relay.testing.identity import CLIENT_SECRET_INVALID
 
-REPO = Path(__file__).resolve().parents[1]
 CLIENT_SECRET = "Cs~LEAKCANARY.client-secret-4Qz"
 WRONG_SECRET = "Ws~LEAKCANARY.wrong-secret-8Kd"
 PASSPHRASE = "Pp-LEAKCANARY-pfx-passphrase-2Rm"
