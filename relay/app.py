@@ -234,7 +234,8 @@ class Relay:
         old = {(lc.host, lc.port, lc.tls) for lc in self.config.listeners}
         if {(lc.host, lc.port, lc.tls) for lc in config.listeners} != old:
             kept.append("listen addresses and TLS settings apply after a restart")
-        intake = RelayIntake(Router(config.routes), self.spool, self.metrics)
+        router = Router(config.routes)  # may raise ConfigError: then nothing has changed
+        intake = RelayIntake(router, self.spool, self.metrics)
         for listener in self.listeners:
             same = next(
                 (
@@ -258,7 +259,12 @@ class Relay:
         self.tokens.update({n: MsalTokenProvider(acc) for n, acc in config.accounts.items()})
         self.config = config
         await self._start_delivery(config)
-        await self._start_importers(config)
+        try:
+            await self._start_importers(config)
+        except (OSError, SpoolError) as exc:
+            # Outbound mail keeps flowing; the import waits for a fix and the next reload.
+            log.error("inbound import not started after reload: %s", exc)
+            kept.append("inbound import not running (see the error above)")
         log.info(
             "configuration reloaded: %d routes, %d accounts%s",
             len(config.routes),
@@ -314,10 +320,9 @@ async def _reload(relay: Relay, path: Path) -> None:
     """SIGHUP: read the file again; a bad one is logged and the running configuration stays."""
     try:
         config = await asyncio.to_thread(load, path)
+        await relay.reload(config, STOP_GRACE)
     except ConfigError as exc:
         log.error("reload refused, the running configuration stays: %s", exc)
-        return
-    await relay.reload(config, STOP_GRACE)
 
 
 async def run_serve(args: argparse.Namespace) -> int:

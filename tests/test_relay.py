@@ -19,7 +19,7 @@ import pytest
 from relaykit import relay_config, secret_account, wait_until
 
 from relay.app import Relay, build_routes
-from relay.config import AfterImport, Config, InboundConfig, Rate, RouteMatch
+from relay.config import AfterImport, Config, InboundConfig, Rate, RouteMatch, SenderPolicy
 from relay.config import Transport as RouteTransport
 from relay.identity import MsalTokenProvider
 from relay.spool import QueueAdmin, State
@@ -287,3 +287,28 @@ async def test_relay_imports_inbound_mail_beside_outbound(
     assert stored.read_bytes().endswith(mime)
     await wait_until(lambda: all(m.is_read for m in emulator.graph.messages(sample.mailbox)))
     assert "maildir" in repr(importer)
+
+
+async def test_a_reload_whose_import_cannot_start_keeps_outbound_mail_flowing(
+    emulator: Emulator, sample: SampleTenant, tmp_path: Path, start, caplog
+) -> None:
+    """The new configuration's import cannot create its maildir (a file is in the way): the
+    reload says so and the new routes deliver all the same."""
+    relay = await start(relay_config(emulator, sample, tmp_path / "spool"))
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the maildir should be")
+    inbound = InboundConfig(
+        name="inbox", account="contoso", mailbox=sample.mailbox, deliver={"maildir": blocked / "m"}
+    )
+    (route,) = relay.config.routes
+    new = replace(
+        relay.config,
+        routes=(replace(route, mailbox=sample.shared_mailbox, sender=SenderPolicy.REWRITE),),
+        inbound=(inbound,),
+    )
+    kept = await relay.reload(new, grace=2)
+    assert kept == ["inbound import not running (see the error above)"]
+    assert "inbound import not started after reload" in caplog.text
+    await asyncio.to_thread(send, relay.listeners[0].port, mail(11))
+    (got,) = await emulator.smtp.wait_for_messages(1)
+    assert got.mailbox == sample.shared_mailbox
