@@ -30,8 +30,10 @@ Decisions a reader should know:
 * AUTH PLAIN and LOGIN are offered over TLS or on a loopback connection, and only when there are
   users. The password check (scrypt, ~40 ms) runs in a thread, so it is done in our auth_PLAIN /
   auth_LOGIN rather than through aiosmtpd's synchronous `authenticator=`. A failed login waits
-  AUTH_FAILURE_DELAY times the session's failure count before its 535; the third failure ends the
-  session with 421 4.7.0. Unknown users cost the same hash check as known ones.
+  AUTH_FAILURE_DELAY times the failure count (the session's, or the client address's over the
+  last 15 minutes, whichever is larger; at most 30 s) before its 535; the third failure in a
+  session ends it with 421 4.7.0, and an address with ten recent failures is refused AUTH
+  outright until they age out. Unknown users cost the same hash check as known ones.
 * stop(grace): the listening socket stays open while sessions drain and answers new connections
   `421 4.3.2 Service shutting down` (a clear answer beats a refused connection); idle sessions get
   the same 421 at once; a session in DATA finishes its transaction, hears its reply, then the
@@ -49,7 +51,8 @@ import re
 import secrets
 import socket
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, NoReturn
 
@@ -92,7 +95,10 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
 
 MAX_AUTH_FAILURES = 3  # per session; the last one ends it
-AUTH_FAILURE_DELAY = 1.0  # seconds, times the session's failure count
+AUTH_FAILURE_DELAY = 1.0  # seconds, times the failure count (the session's or the client's)
+MAX_CLIENT_FAILURES = 10  # per client address within CLIENT_FAILURE_WINDOW: then AUTH is refused
+CLIENT_FAILURE_WINDOW = 900.0  # seconds a failed login counts against its client address
+MAX_AUTH_DELAY = 30.0  # seconds; the delay stops growing here
 PASSWORD_CHECKS = 2  # concurrent hash checks per listener, so a login flood cannot fill the pool
 YIELD_EVERY_DOTS = 64  # lines that start with a dot cost a few reads each; let others run
 JOIN_IN_THREAD = 1024 * 1024  # joining a 35 MB message takes ~17 ms: not in the event loop
@@ -185,7 +191,44 @@ def plain_angle_addr(arg: str) -> tuple[str, str] | None:
 
 def auth_delay(failures: int, base: float = AUTH_FAILURE_DELAY) -> float:
     """Seconds to wait before answering a failed login: grows with each failure."""
-    return base * failures
+    return min(base * failures, MAX_AUTH_DELAY)
+
+
+class FailedLogins:
+    """Failed logins per client address over a sliding window, across sessions: a client that
+    reconnects after each lockout still slows down, and after MAX_CLIENT_FAILURES it is refused
+    AUTH until its failures age out. A successful login clears its address."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._times: dict[str, collections.deque[float]] = {}
+
+    def __repr__(self) -> str:
+        blocked = sum(map(self.blocked, list(self._times)))
+        return f"<FailedLogins clients={len(self._times)} blocked={blocked}>"
+
+    def count(self, client: str) -> int:
+        times = self._times.get(client)
+        if times is None:
+            return 0
+        horizon = self._clock() - CLIENT_FAILURE_WINDOW
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._times[client]
+            return 0
+        return len(times)
+
+    def blocked(self, client: str) -> bool:
+        return self.count(client) >= MAX_CLIENT_FAILURES
+
+    def failed(self, client: str) -> int:
+        """Record a failure; return the client's failures within the window."""
+        self._times.setdefault(client, collections.deque()).append(self._clock())
+        return self.count(client)
+
+    def succeeded(self, client: str) -> None:
+        self._times.pop(client, None)
 
 
 # aiosmtpd's own replies, given an RFC 3463 status on the way out. Exact texts first; other
@@ -540,6 +583,7 @@ class _Policy:
         self._users = users
         self._failure_delay = auth_failure_delay
         self._checks = asyncio.Semaphore(PASSWORD_CHECKS)
+        self.failed_logins = FailedLogins()
 
     def reconfigure(self, *, intake: Intake, users: Mapping[str, UserConfig]) -> None:
         self._intake = intake
@@ -596,6 +640,16 @@ class _Policy:
 
     async def check_login(self, server: _SMTP, login: bytes, password: bytes) -> AuthResult:
         name = login.decode("utf-8", "replace")
+        client = str(server.client)
+        if self.failed_logins.blocked(client):
+            log.warning(
+                "session %s: AUTH refused for %s: %d failed logins in %.0f minutes",
+                server.session_id,
+                client,
+                self.failed_logins.count(client),
+                CLIENT_FAILURE_WINDOW / 60,
+            )
+            await server.hang_up(AUTH_LOCKOUT)
         user = self._users.get(name)
         async with self._checks:
             # An unknown user costs the same hash check as a known one: no timing tells them apart.
@@ -603,19 +657,23 @@ class _Policy:
             matches = await asyncio.to_thread(verify_password, password, stored)
         if matches and user is not None:
             log.info("session %s: %s logged in as %r", server.session_id, server.client, name)
+            self.failed_logins.succeeded(client)
             return AuthResult(success=True, auth_data=name, message=str(AUTH_SUCCEEDED))
         server.failed_logins += 1
         failures = server.failed_logins
+        recent = self.failed_logins.failed(client)
         log.warning(
-            "session %s: AUTH failed for user %r from %s (%d of %d)",
+            "session %s: AUTH failed for user %r from %s (%d of %d in this session, "
+            "%d from this address)",
             server.session_id,
             name,
             server.client,
             failures,
             MAX_AUTH_FAILURES,
+            recent,
         )
-        await asyncio.sleep(auth_delay(failures, self._failure_delay))
-        if failures >= MAX_AUTH_FAILURES:
+        await asyncio.sleep(auth_delay(max(failures, recent), self._failure_delay))
+        if failures >= MAX_AUTH_FAILURES or recent >= MAX_CLIENT_FAILURES:
             await server.hang_up(AUTH_LOCKOUT)
         return AuthResult(success=False, handled=False, message=str(AUTH_FAILED))
 

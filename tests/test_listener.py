@@ -37,7 +37,12 @@ from relay.config import (
 from relay.errors import ConfigError, IntakeRefused
 from relay.intake import Client
 from relay.listener import (
+    CLIENT_FAILURE_WINDOW,
+    MAX_AUTH_DELAY,
+    MAX_AUTH_FAILURES,
+    MAX_CLIENT_FAILURES,
     AuthOffer,
+    FailedLogins,
     Listener,
     ListenerState,
     _Content,
@@ -868,8 +873,8 @@ async def test_failed_logins_are_logged_without_the_password(
         )
     failures = [r.getMessage() for r in caplog.records if "AUTH failed" in r.getMessage()]
     assert len(failures) == 2
-    assert "'ultimo' from 127.0.0.1 (1 of 3)" in failures[0]
-    assert "'nobody' from 127.0.0.1 (2 of 3)" in failures[1]
+    assert "'ultimo' from 127.0.0.1 (1 of 3 in this session, 1 from this address)" in failures[0]
+    assert "'nobody' from 127.0.0.1 (2 of 3 in this session, 2 from this address)" in failures[1]
     assert "hunter" not in caplog.text
     assert await wire.cmd(f"AUTH PLAIN {plain()}") == "235 2.7.0 Authentication successful"
 
@@ -889,6 +894,45 @@ async def test_a_client_that_keeps_failing_is_disconnected(serve: Serve) -> None
 
 def test_the_delay_after_a_failed_login_grows() -> None:
     assert 0 < auth_delay(1) < auth_delay(2) < auth_delay(3)
+    assert auth_delay(1000) == MAX_AUTH_DELAY
+
+
+async def test_an_address_that_keeps_failing_across_sessions_is_refused_auth(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reconnecting after each lockout does not reset the count: after ten failures from one
+    address within the window, even the right password gets 421 and the session ends."""
+    listener = await serve()
+    for _ in range(MAX_CLIENT_FAILURES // MAX_AUTH_FAILURES):
+        wire, _ = await ehlo(listener.port)
+        for _ in range(MAX_AUTH_FAILURES - 1):
+            await wire.cmd(f"AUTH PLAIN {plain(password='guess')}")
+        assert (await wire.cmd(f"AUTH PLAIN {plain(password='guess')}")).startswith("421 ")
+    wire, _ = await ehlo(listener.port)
+    assert await wire.cmd(f"AUTH PLAIN {plain(password='guess')}") == (
+        "421 4.7.0 Too many failed authentication attempts"
+    )  # the tenth failure
+    wire, _ = await ehlo(listener.port)
+    with caplog.at_level(logging.WARNING, logger="relay.listener"):
+        assert await wire.cmd(f"AUTH PLAIN {plain()}") == (
+            "421 4.7.0 Too many failed authentication attempts"
+        )
+    assert await wire.closed()
+    assert "AUTH refused for 127.0.0.1: 10 failed logins in 15 minutes" in caplog.text
+
+
+def test_failed_logins_age_out_and_a_success_clears_them() -> None:
+    now = [0.0]
+    ledger = FailedLogins(clock=lambda: now[0])
+    for _ in range(MAX_CLIENT_FAILURES):
+        ledger.failed("192.0.2.7")
+    assert ledger.blocked("192.0.2.7") and not ledger.blocked("192.0.2.8")
+    assert repr(ledger) == "<FailedLogins clients=1 blocked=1>"
+    now[0] = CLIENT_FAILURE_WINDOW + 1
+    assert ledger.count("192.0.2.7") == 0 and not ledger.blocked("192.0.2.7")
+    ledger.failed("192.0.2.7")
+    ledger.succeeded("192.0.2.7")
+    assert ledger.count("192.0.2.7") == 0
 
 
 async def test_auth_grammar_errors(serve: Serve) -> None:
