@@ -662,6 +662,31 @@ async def test_journal_write_failure_refuses_the_batch(
         assert [e.qid for e in spool.ready()] == [kept]
 
 
+async def test_an_unexpected_error_in_a_commit_refuses_the_batch_and_the_spool_goes_on(
+    path: Path,
+) -> None:
+    """A bug below the commit (not an OSError) must not leave the waiters hanging: their
+    enqueue fails with SpoolError, nothing of it is kept, and the next one works."""
+
+    class BuggyDisk(FaultyDisk):
+        buggy = True
+
+        def write(self, fd: int, data: bytes) -> None:
+            if is_journal(self._paths[fd]) and self.buggy:
+                raise RuntimeError("a bug")
+            super().write(fd, data)
+
+    disk = BuggyDisk()
+    async with await Spool.open(path, disk=disk, rescan_interval=None) as spool:
+        with pytest.raises(SpoolError, match="intake commit failed: RuntimeError"):
+            await asyncio.wait_for(spool.enqueue(ENVELOPE, b"refused"), timeout=10)
+        disk.buggy = False
+        kept = await spool.enqueue(ENVELOPE, b"kept")
+    async with await Spool.open(path, rescan_interval=None) as spool:
+        assert [e.qid for e in spool.ready()] == [kept]
+        assert await spool.read(kept) == b"kept"
+
+
 async def test_journal_sync_failure_refuses_the_batch(path: Path) -> None:
     disk = FaultyDisk()
     disk.fail_sync = lambda p: errno.EIO if is_journal(p) else None
