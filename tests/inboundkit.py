@@ -19,7 +19,7 @@ from relaykit import secret_account
 
 from relay.config import AfterImport, InboundConfig
 from relay.identity import GRAPH_SCOPE
-from relay.inbound.importer import Importer
+from relay.inbound.importer import Importer, RoundReport
 from relay.testing.directory import MAIL_READWRITE, MAIL_SEND
 from relay.testing.emulator import Emulator, SampleTenant
 from relay.testing.tokens import GRAPH_AUDIENCE
@@ -89,6 +89,15 @@ def importer(
         state_path=state,
         **settings,
     )
+
+
+async def one_round(imp: Importer) -> RoundReport:
+    """Start `imp`, run one poll round, stop it; the round's report."""
+    await imp.start()
+    try:
+        return await imp.poll()
+    finally:
+        await imp.stop()
 
 
 def mail(n: int, *, sender: str = "Ops <ops@example.org>", subject: str | None = None,

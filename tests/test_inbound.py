@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from inboundkit import importer, inbound, mail, maildir_files, message_id
+from inboundkit import importer, inbound, mail, maildir_files, message_id, one_round
 from relaykit import secret_account, wait_until
 
 from relay.config import (
@@ -241,11 +241,7 @@ async def test_stop_cancels_what_is_in_flight_after_grace_and_a_restart_finishes
             await poll
     hold.release()
     again = importer(emulator, sample, config, tmp_path / "state.db", page_size=4)
-    await again.start()
-    try:
-        report = await again.poll()
-    finally:
-        await again.stop()
+    report = await one_round(again)
     assert report.counts == counts(imported=10)
     ids = Counter(message_id(p.read_bytes()) for p in maildir_files(tmp_path / "box"))
     assert ids == Counter(f"<ticket-{n}@app.example.org>" for n in range(10))

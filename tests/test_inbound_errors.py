@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from inboundkit import IssuerTokens, importer, inbound, mail, maildir_files, message_id
+from inboundkit import IssuerTokens, importer, inbound, mail, maildir_files, message_id, one_round
 
 from relay.config import AfterImport
 from relay.errors import TokenUnavailable
@@ -144,11 +144,7 @@ async def test_503_with_retry_after_is_waited_out(
     emulator.graph.deliver(sample.mailbox, mail(1))
     emulator.graph.unavailable(retry_after=0, path="*/messages/delta")
     imp = maildir_importer(emulator, sample, tmp_path)
-    await imp.start()
-    try:
-        report = await imp.poll()
-    finally:
-        await imp.stop()
+    report = await one_round(imp)
     assert (report.counts, report.error) == (counts(imported=1), None)
 
 
@@ -206,11 +202,7 @@ async def test_no_token_ends_the_round(
     config = inbound(sample, {"maildir": tmp_path / "box"})
     imp = importer(emulator, sample, config, tmp_path / "state.db",
                    tokens=NoTokens(emulator, sample))  # fmt: skip
-    await imp.start()
-    try:
-        report = await imp.poll()
-    finally:
-        await imp.stop()
+    report = await one_round(imp)
     assert report.error == "451 4.7.0 identity platform unreachable"
 
 
@@ -224,11 +216,7 @@ async def test_a_message_removed_before_its_mime_is_fetched_is_gone(
     emulator.graph.deliver(sample.mailbox, mail(1))
     emulator.graph.fail_next(404, "ErrorItemNotFound", ITEM_NOT_FOUND, path="*/$value")
     imp = maildir_importer(emulator, sample, tmp_path)
-    await imp.start()
-    try:
-        report = await imp.poll()
-    finally:
-        await imp.stop()
+    report = await one_round(imp)
     assert report.counts == counts(gone=1)
     assert maildir_files(tmp_path / "box") == []
     assert any(
@@ -327,11 +315,7 @@ async def test_a_delta_state_lost_twice_in_a_round_ends_it(
 ) -> None:
     imp = maildir_importer(emulator, sample, tmp_path)
     emulator.graph.fail_next(410, "syncStateNotFound", "gone", path="*/messages/delta", times=2)
-    await imp.start()
-    try:
-        report = await imp.poll()
-    finally:
-        await imp.stop()
+    report = await one_round(imp)
     assert report.error == "451 4.3.0 Graph 410 syncStateNotFound: gone"
 
 
@@ -466,11 +450,7 @@ async def test_a_missing_folder_ends_each_round(
     emulator: Emulator, sample: SampleTenant, tmp_path: Path
 ) -> None:
     imp = maildir_importer(emulator, sample, tmp_path, folder="Support")
-    await imp.start()
-    try:
-        report = await imp.poll()
-    finally:
-        await imp.stop()
+    report = await one_round(imp)
     assert report.error == "451 4.3.0 no folder 'Support' in relay@contoso.com"
 
 
@@ -482,11 +462,7 @@ async def test_a_link_to_another_host_is_not_followed(
     state = await state_of(imp)
     await state.set_delta_link("https://graph.example.net/v1.0/users/x/messages/delta?t=1")
     await state.aclose()
-    await imp.start()
-    try:
-        report = await imp.poll()
-    finally:
-        await imp.stop()
+    report = await one_round(imp)
     assert report.error == "451 4.3.0 Graph gave a link to another host: graph.example.net"
     assert emulator.graph.requests == []
 
@@ -496,9 +472,5 @@ async def test_a_page_that_is_not_a_delta_page_ends_the_round(
 ) -> None:
     emulator.graph.fail_next(200, "Odd", "not a page", path="*/messages/delta")
     imp = maildir_importer(emulator, sample, tmp_path)
-    await imp.start()
-    try:
-        report = await imp.poll()
-    finally:
-        await imp.stop()
+    report = await one_round(imp)
     assert report.error == "451 4.3.0 Graph's delta page has no value"
