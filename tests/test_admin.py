@@ -10,7 +10,6 @@ import asyncio
 import json
 import smtplib
 import socket
-from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from relaykit import relay_config, secret_account, wait_until
 
 from relay.admin import AdminServer, AdminState
 from relay.app import Relay
-from relay.config import AdminConfig, Config
+from relay.config import AdminConfig
 from relay.spool import QueueAdmin
 from relay.testing.emulator import Emulator, SampleTenant
 
@@ -51,21 +50,6 @@ async def get(relay: Relay, path: str) -> tuple[int, str, dict[str, str]]:
 async def get_json(relay: Relay, path: str) -> tuple[int, Any]:
     status, text, _ = await get(relay, path)
     return status, json.loads(text)
-
-
-@pytest.fixture
-async def start() -> AsyncIterator[Callable[[Config], Any]]:
-    relays: list[Relay] = []
-
-    async def starter(config: Config) -> Relay:
-        relay = Relay(config)
-        await relay.start()
-        relays.append(relay)
-        return relay
-
-    yield starter
-    for relay in relays:
-        await relay.stop(grace=2)
 
 
 async def test_healthz_answers_ok_while_the_process_runs(

@@ -123,11 +123,7 @@ async def test_after_move_to_a_well_known_folder(
     config = inbound(sample, {"maildir": tmp_path / "box"}, after=AfterImport.MOVE_TO,
                      move_to="Archive")  # fmt: skip
     imp = importer(emulator, sample, config, tmp_path / "state.db")
-    await imp.start()
-    try:
-        assert (await imp.poll()).counts == counts(imported=1)
-    finally:
-        await imp.stop()
+    assert (await one_round(imp)).counts == counts(imported=1)
     [archived] = emulator.graph.messages(sample.mailbox, "archive")
     assert message_id(archived.mime) == "<ticket-1@app.example.org>"
 
@@ -156,11 +152,7 @@ async def test_after_mark_read_with_the_real_token_provider(
     tokens = MsalTokenProvider(secret_account(emulator, sample))
     config = inbound(sample, {"maildir": tmp_path / "box"})
     imp = importer(emulator, sample, config, tmp_path / "state.db", tokens=tokens)
-    await imp.start()
-    try:
-        assert (await imp.poll()).counts == counts(imported=5)
-    finally:
-        await imp.stop()
+    assert (await one_round(imp)).counts == counts(imported=5)
     assert [m.is_read for m in emulator.graph.messages(sample.mailbox, "inbox")] == [True] * 5
     assert tokens.requests == 1
 
@@ -174,11 +166,7 @@ async def test_imports_are_counted(
     metrics = Metrics()
     config = inbound(sample, {"maildir": tmp_path / "box"})
     imp = importer(emulator, sample, config, tmp_path / "state.db", metrics=metrics)
-    await imp.start()
-    try:
-        await imp.poll()
-    finally:
-        await imp.stop()
+    await one_round(imp)
     assert b'relay_inbound_imported_total{mailbox="relay@contoso.com"} 3.0' in (
         metrics.exposition()
     )
@@ -272,11 +260,7 @@ async def test_stop_lets_messages_in_flight_finish_and_starts_no_others(
     assert (report.counts, report.error) == (counts(imported=2), None)
     assert sum(m.is_read for m in emulator.graph.messages(sample.mailbox)) == 2
     again = importer(emulator, sample, config, tmp_path / "state.db")
-    await again.start()
-    try:
-        assert (await again.poll()).counts == counts(imported=18)
-    finally:
-        await again.stop()
+    assert (await one_round(again)).counts == counts(imported=18)
     ids = Counter(message_id(p.read_bytes()) for p in maildir_files(tmp_path / "box"))
     assert ids == Counter(f"<ticket-{n}@app.example.org>" for n in range(20))
 

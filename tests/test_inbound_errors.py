@@ -58,11 +58,7 @@ async def test_429_with_a_short_retry_after_is_waited_out(
     emulator.graph.deliver(sample.mailbox, mail(1))
     emulator.graph.throttle(retry_after=0, path="*/$value", times=2)
     imp = maildir_importer(emulator, sample, tmp_path)
-    await imp.start()
-    try:
-        assert (await imp.poll()).counts == counts(imported=1)
-    finally:
-        await imp.stop()
+    assert (await one_round(imp)).counts == counts(imported=1)
     assert requests_to(emulator, "/$value", 429) == 2
     assert requests_to(emulator, "/$value", 200) == 1
 
@@ -159,11 +155,7 @@ async def test_401_gets_one_fresh_token(
     tokens.cached = tokens.issue(lifetime=-60)
     config = inbound(sample, {"maildir": tmp_path / "box"})
     imp = importer(emulator, sample, config, tmp_path / "state.db", tokens=tokens)
-    await imp.start()
-    try:
-        assert (await imp.poll()).counts == counts(imported=1)
-    finally:
-        await imp.stop()
+    assert (await one_round(imp)).counts == counts(imported=1)
     assert tokens.invalidated == 1
     assert requests_to(emulator, "/messages/delta", 401) == 1
 
@@ -384,11 +376,7 @@ async def test_a_message_over_max_size_is_quarantined(
     emulator.graph.deliver(sample.mailbox, mail(1))
     emulator.graph.deliver(sample.mailbox, big)
     imp = maildir_importer(emulator, sample, tmp_path, max_size=2048)
-    await imp.start()
-    try:
-        assert (await imp.poll()).counts == counts(imported=1, quarantined=1)
-    finally:
-        await imp.stop()
+    assert (await one_round(imp)).counts == counts(imported=1, quarantined=1)
     assert imported_ids(tmp_path) == ["<ticket-1@app.example.org>"]
     assert (
         "inbound helpdesk: quarantined <ticket-2@app.example.org> (id " in caplog.text
@@ -438,11 +426,7 @@ async def test_a_folder_by_display_name(
     emulator.graph.deliver(sample.mailbox, mail(1), folder=support.id)
     emulator.graph.deliver(sample.mailbox, mail(2))  # in the inbox: not this import's
     imp = maildir_importer(emulator, sample, tmp_path, folder="Inbox/Support")
-    await imp.start()
-    try:
-        assert (await imp.poll()).counts == counts(imported=1)
-    finally:
-        await imp.stop()
+    assert (await one_round(imp)).counts == counts(imported=1)
     assert imported_ids(tmp_path) == ["<ticket-1@app.example.org>"]
 
 

@@ -19,6 +19,7 @@ from inboundkit import (
     inbound,
     mail,
     maildir_files,
+    one_round,
     smtp_receiver,
 )
 
@@ -68,11 +69,7 @@ async def test_maildir_gets_exact_bytes_under_stable_names(
     graph_id = emulator.graph.deliver(sample.mailbox, raw)
     box = tmp_path / "Maildir"
     imp = importer(emulator, sample, inbound(sample, {"maildir": box}), tmp_path / "state.db")
-    await imp.start()
-    try:
-        await imp.poll()
-    finally:
-        await imp.stop()
+    await one_round(imp)
     [stored] = emulator.graph.messages(sample.mailbox)
     [path] = maildir_files(box)
     key = Incoming(id=graph_id, received="", internet_message_id="", sender="", subject="").key
@@ -89,11 +86,7 @@ async def test_directory_gets_one_eml_per_message(
         emulator.graph.deliver(sample.mailbox, mail(n))
     drop = tmp_path / "drop"
     imp = importer(emulator, sample, inbound(sample, {"directory": drop}), tmp_path / "state.db")
-    await imp.start()
-    try:
-        assert (await imp.poll()).counts == counts(imported=3)
-    finally:
-        await imp.stop()
+    assert (await one_round(imp)).counts == counts(imported=3)
     files = sorted(p for p in drop.iterdir() if p.is_file())
     assert [p.suffix for p in files] == [".eml"] * 3
     assert sorted(p.read_bytes() for p in files) == sorted(mail(n) for n in range(3))
@@ -167,11 +160,7 @@ async def test_smtp_sink_delivers_to_the_mailbox_from_the_sender(
     emulator.graph.deliver(sample.mailbox, raw)
     async with smtp_receiver() as receiver:
         imp = smtp_importer(emulator, sample, receiver, tmp_path)
-        await imp.start()
-        try:
-            assert (await imp.poll()).counts == counts(imported=1)
-        finally:
-            await imp.stop()
+        assert (await one_round(imp)).counts == counts(imported=1)
     assert receiver.received == [("ops@example.org", [sample.mailbox], raw)]
 
 
@@ -233,11 +222,7 @@ async def test_http_sink_posts_the_message_with_an_idempotency_key(
     graph_id = emulator.graph.deliver(sample.mailbox, raw)
     async with http_receiver() as receiver:
         imp = http_importer(emulator, sample, receiver, tmp_path)
-        await imp.start()
-        try:
-            assert (await imp.poll()).counts == counts(imported=1)
-        finally:
-            await imp.stop()
+        assert (await one_round(imp)).counts == counts(imported=1)
     [(headers, body)] = receiver.received
     key = Incoming(id=graph_id, received="", internet_message_id="", sender="", subject="").key
     assert body == raw

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -69,18 +68,9 @@ def idle(relay: Relay) -> bool:
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Callable[[Config], Any]]:
-    relays: list[Relay] = []
-
-    async def starter(config: Config) -> Relay:
-        relay = Relay(replace(config, admin=ADMIN))
-        await relay.start()
-        relays.append(relay)
-        return relay
-
-    yield starter
-    for relay in relays:
-        await relay.stop(grace=2)
+def start(start: Callable[[Config], Awaitable[Relay]]) -> Callable[[Config], Awaitable[Relay]]:
+    """conftest's `start`, with the admin server on (metrics are read from it)."""
+    return lambda config: start(replace(config, admin=ADMIN))
 
 
 async def test_delivered_mail_is_counted_per_route(

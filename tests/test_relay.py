@@ -9,17 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import smtplib
-from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from email import message_from_bytes, policy
 from pathlib import Path
 
-import pytest
 from relaykit import relay_config, secret_account, wait_until
 
-from relay.app import Relay, build_routes
-from relay.config import AfterImport, Config, InboundConfig, Rate, RouteMatch, SenderPolicy
+from relay.app import build_routes
+from relay.config import AfterImport, InboundConfig, Rate, RouteMatch, SenderPolicy
 from relay.config import Transport as RouteTransport
 from relay.identity import MsalTokenProvider
 from relay.spool import QueueAdmin, State
@@ -51,21 +49,6 @@ def send(
         code, text = client.data(data)
         assert code == 250, (code, text)
         return text.decode()
-
-
-@pytest.fixture
-async def start(tmp_path: Path) -> AsyncIterator[Callable[[Config], asyncio.Future[Relay]]]:
-    relays: list[Relay] = []
-
-    async def starter(config: Config) -> Relay:
-        relay = Relay(config)
-        await relay.start()
-        relays.append(relay)
-        return relay
-
-    yield starter  # type: ignore[misc]
-    for relay in relays:
-        await relay.stop(grace=2)
 
 
 async def spool_states(path: Path) -> dict[State, list]:
