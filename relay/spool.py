@@ -95,7 +95,6 @@ import re
 import secrets
 import struct
 import sys
-import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -106,6 +105,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from relay.errors import SpoolError, SpoolFull
+from relay.fdsync import LoopSync
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,11 @@ class QueueEntry:
 
 class Disk:
     """The system calls that put bytes on disk. Tests pass a subclass that fails (ENOSPC, EIO)."""
+
+    # Whether the journal may sync through Linux AIO in the loop (relay.fdsync) instead of
+    # calling `datasync` on a spool thread. A subclass that intercepts the calls (and may block
+    # in them) turns it off, and then gets every journal write and sync on a thread.
+    loop_sync = True
 
     def open(self, path: Path, flags: int) -> int:
         return os.open(path, flags, 0o600)
@@ -731,12 +736,27 @@ class _Files:
 
 
 class _Journal:
-    """The intake journal: append-only segments in incoming/; safe to call from any thread."""
+    """The intake journal: append-only segments in incoming/.
 
-    def __init__(self, files: _Files, *, segment_bytes: int, first_seq: int) -> None:
+    Owned by the event loop: appends and checkpoints take turns there. Its blocking steps (a
+    new segment, deleting old ones, cutting a failed write) run on the spool's threads. The
+    batch write and its fdatasync run in the loop with Linux AIO (`relay.fdsync`) where there
+    is one, else on a spool thread too.
+    """
+
+    def __init__(
+        self,
+        files: _Files,
+        *,
+        segment_bytes: int,
+        first_seq: int,
+        offload: Callable[..., asyncio.Future[Any]],
+    ) -> None:
         self._files = files
         self._segment_bytes = segment_bytes
-        self._lock = threading.Lock()
+        self._offload = offload
+        self._sync: LoopSync | None = None
+        self._turn: asyncio.Lock | None = None
         self._seq = first_seq - 1
         self._fd = -1
         self._size = 0
@@ -744,31 +764,85 @@ class _Journal:
         self._where: dict[str, int] = {}  # qid -> its segment
 
     def start(self) -> None:
-        with self._lock, _io("creating an intake journal segment"):
+        """Create the first segment (blocking: before the loop uses the journal)."""
+        with _io("creating an intake journal segment"):
             self._rotate()
 
-    def append(self, frames: Sequence[bytes], ids: Sequence[str]) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start serving `loop`; sync through Linux AIO when the disk allows it."""
+        self._turn = asyncio.Lock()
+        self._sync = LoopSync.open(loop) if self._files.disk.loop_sync else None
+
+    async def append(self, frames: Sequence[bytes], ids: Sequence[str]) -> None:
         """Write `frames` (messages `ids`) durably, or not at all."""
-        with self._lock:
-            self._write(b"".join(frames))
+        async with self._take_turn():
+            await self._write(b"".join(frames))
             self._open[self._seq] += len(ids)
             self._where.update(dict.fromkeys(ids, self._seq))
 
-    def checkpoint(self, ids: Sequence[str]) -> None:
+    async def checkpoint(self, ids: Sequence[str]) -> None:
         """Record durably that `ids` have their own files; drop segments no longer needed."""
-        with self._lock:
-            self._write(_frame(_CHECKPOINT, _json({"ids": list(ids)})))
+        async with self._take_turn():
+            await self._write(_frame(_CHECKPOINT, _json({"ids": list(ids)})))
             for qid in ids:
                 self._open[self._where.pop(qid)] -= 1
-            self._drop(keep_current=True)
+            done = self._finished(keep_current=True)
+        if done:
+            failed = await self._offload(self._delete, done)
+            self._open.update(dict.fromkeys(failed, 0))  # tried again at the next checkpoint
+
+    def detach(self) -> None:
+        """Stop serving the loop (in the loop, once nothing is in flight)."""
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
 
     def close(self) -> None:
-        """Close the current segment, and delete all segments if nothing in them is pending."""
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-            self._drop(keep_current=False)
+        """Close the current segment, and delete all segments if nothing in them is pending
+        (blocking: after `detach`)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._delete(self._finished(keep_current=False))
+
+    def _take_turn(self) -> asyncio.Lock:
+        assert self._turn is not None, "Spool.open() attaches the journal"
+        return self._turn
+
+    async def _write(self, data: bytes) -> None:
+        with _io("writing the intake journal"):
+            if self._fd < 0 or self._size >= self._segment_bytes:
+                await self._offload(self._rotate)
+            try:
+                if self._sync is None:
+                    await self._offload(self._write_at, self._fd, data, self._size, True)
+                else:
+                    self._write_at(self._fd, data, self._size, False)
+                    await self._datasync_in_loop()
+            except Exception:  # not a cancellation: that only comes at teardown, like a crash
+                await self._offload(self._cut)
+                raise
+        self._size += len(data)
+
+    async def _datasync_in_loop(self) -> None:
+        assert self._sync is not None
+        try:
+            done = self._sync.datasync(self._fd)
+        except OSError as exc:  # the kernel refused the request itself: not a disk error
+            log.warning(
+                "spool: Linux AIO refused the journal's sync (%s); syncing on a thread from now on",
+                exc.strerror,
+            )
+            self.detach()
+            await self._offload(self._files.disk.datasync, self._fd)
+            return
+        await done
+
+    def _write_at(self, fd: int, data: bytes, at: int, sync: bool) -> None:
+        os.lseek(fd, at, os.SEEK_SET)
+        self._files.disk.write(fd, data)
+        if sync:
+            self._files.disk.datasync(fd)
 
     def _rotate(self) -> None:
         if self._fd >= 0:
@@ -790,21 +864,10 @@ class _Journal:
         self._fd, self._size = fd, 0
         self._open[self._seq] = 0
 
-    def _write(self, data: bytes) -> None:
-        with _io("writing the intake journal"):
-            if self._fd < 0 or self._size >= self._segment_bytes:
-                self._rotate()
-            try:
-                os.lseek(self._fd, self._size, os.SEEK_SET)
-                self._files.disk.write(self._fd, data)
-                self._files.disk.datasync(self._fd)
-            except OSError:
-                self._cut()
-                raise
-        self._size += len(data)
-
     def _cut(self) -> None:
         """After a failed write: remove what it may have left, or stop using the segment."""
+        if self._fd < 0:
+            return
         try:
             os.ftruncate(self._fd, self._size)  # the zeros beyond go too: later batches append
             self._files.disk.datasync(self._fd)
@@ -818,17 +881,26 @@ class _Journal:
             os.close(self._fd)
             self._fd = -1
 
-    def _drop(self, *, keep_current: bool) -> None:
+    def _finished(self, *, keep_current: bool) -> list[int]:
+        """Take the oldest segments whose records are all checkpointed off the books."""
+        done = []
         for seq in sorted(self._open):
             if self._open[seq] or (keep_current and seq == self._seq):
-                return
+                break
+            done.append(seq)
+            del self._open[seq]
+        return done
+
+    def _delete(self, segments: Sequence[int]) -> list[int]:
+        """Delete `segments`, oldest first; the ones left when a deletion fails."""
+        for i, seq in enumerate(segments):
             try:
                 self._files.segment(seq).unlink(missing_ok=True)
                 self._files.sync_dir(State.INCOMING)
             except OSError as exc:
                 log.warning("spool: cannot delete journal segment %d: %s", seq, exc.strerror)
-                return
-            del self._open[seq]
+                return list(segments[i:])
+        return []
 
 
 # The spool ---------------------------------------------------------------------------------
@@ -921,6 +993,7 @@ class Spool:
             max_backlog=max_backlog,
         )
         await spool._offload(spool._recover)
+        spool._require_journal().attach(asyncio.get_running_loop())
         spool._tasks = [
             asyncio.create_task(spool._commit_loop(), name="spool-commit"),
             asyncio.create_task(spool._materialise_loop(), name="spool-materialise"),
@@ -1043,46 +1116,33 @@ class Spool:
                 return
 
     async def _commit_batch(self, journal: _Journal, batch: list[_Intake]) -> None:
-        """Commit `batch` on a spool thread; the thread hands the outcome straight back to the
-        loop, which answers every waiter in that same callback: fewer loop iterations between
-        the fdatasync and the 250s than awaiting an executor future would take."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
+        """Append `batch` to the journal and answer its waiters, in a task of its own: a
+        cancelled committer must still see its batch finished."""
+        await asyncio.shield(self._commit(journal, batch))
 
-        def finish(error: SpoolError | None) -> None:  # in the loop
-            if error is not None:
-                for item in batch:
-                    self._forget(item)
-                    if not item.future.done():
-                        item.future.set_exception(error)
-            else:
-                self._last_commit = loop.time()
-                for item in batch:
-                    item.committed_at = self._last_commit
-                    if not item.future.done():
-                        item.future.set_result(None)
-                self._committed.put_nowait(batch)
-            done.set_result(None)
-
-        def job() -> None:  # on a spool thread
-            error: SpoolError | None = None
-            try:
-                self._commit(journal, batch)
-            except SpoolError as exc:
-                error = exc
-            except BaseException as exc:  # a bug: refuse the batch rather than hang its waiters
-                error = SpoolError(f"intake commit failed: {exc!r}")
-            loop.call_soon_threadsafe(finish, error)
-
-        self._executor.submit(job)
-        await asyncio.shield(done)  # a cancelled committer must still see its batch finished
-
-    @staticmethod
-    def _commit(journal: _Journal, batch: Sequence[_Intake]) -> None:
+    async def _commit(self, journal: _Journal, batch: list[_Intake]) -> None:
+        error: SpoolError | None = None
+        try:
+            for item in batch:
+                item.frame = _frame(_MESSAGE, item.head, item.data)
+                item.data = b""
+            await journal.append([i.frame for i in batch], [i.qid for i in batch])
+        except SpoolError as exc:
+            error = exc
+        except Exception as exc:  # a bug: refuse the batch rather than hang its waiters
+            error = SpoolError(f"intake commit failed: {exc!r}")
+        if error is not None:
+            for item in batch:
+                self._forget(item)
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        self._last_commit = asyncio.get_running_loop().time()
         for item in batch:
-            item.frame = _frame(_MESSAGE, item.head, item.data)
-            item.data = b""
-        journal.append([i.frame for i in batch], [i.qid for i in batch])
+            item.committed_at = self._last_commit
+            if not item.future.done():
+                item.future.set_result(None)
+        self._committed.put_nowait(batch)
 
     async def _materialise_loop(self) -> None:
         """Materialise committed messages a chunk at a time, each chunk after `_settle`."""
@@ -1129,7 +1189,8 @@ class Spool:
         delay = 0.1
         while True:
             try:
-                await self._offload(self._materialise_job, journal, keep, batch)
+                await self._offload(self._files.materialise, [(i.qid, i.frame) for i in keep])
+                await journal.checkpoint([i.qid for i in batch])
                 break
             except SpoolError as exc:
                 log.error(
@@ -1154,12 +1215,6 @@ class Spool:
             self._touch(item.qid)
             self._notify(entry)
         return True
-
-    def _materialise_job(
-        self, journal: _Journal, keep: Sequence[_Intake], batch: Sequence[_Intake]
-    ) -> None:
-        self._files.materialise([(i.qid, i.frame) for i in keep])
-        journal.checkpoint([i.qid for i in batch])
 
     # Scheduler side ------------------------------------------------------------------------
 
@@ -1347,6 +1402,7 @@ class Spool:
         self._committed.put_nowait(None)
         await asyncio.gather(materialise, *rest)
         journal = self._require_journal()
+        journal.detach()
         try:
             await self._offload(journal.close)
         finally:
@@ -1364,7 +1420,12 @@ class Spool:
         self._lock_fd = self._files.lock()
         try:
             self._index, self._corrupt, first_seq = self._files.recover()
-            journal = _Journal(self._files, segment_bytes=self._segment_bytes, first_seq=first_seq)
+            journal = _Journal(
+                self._files,
+                segment_bytes=self._segment_bytes,
+                first_seq=first_seq,
+                offload=self._offload,
+            )
             journal.start()
         except BaseException:
             os.close(self._lock_fd)

@@ -57,6 +57,8 @@ class FaultyDisk(Disk):
     op "write" or "sync" (a test may block there).
     """
 
+    loop_sync = False  # every journal write and sync goes through the methods below
+
     def __init__(self) -> None:
         self.fail_write: Callable[[Path], int | None] = lambda path: None
         self.fail_sync: Callable[[Path], int | None] = lambda path: None
