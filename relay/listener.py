@@ -99,6 +99,7 @@ AUTH_FAILURE_DELAY = 1.0  # seconds, times the failure count (the session's or t
 MAX_CLIENT_FAILURES = 10  # per client address within CLIENT_FAILURE_WINDOW: then AUTH is refused
 CLIENT_FAILURE_WINDOW = 900.0  # seconds a failed login counts against its client address
 MAX_AUTH_DELAY = 30.0  # seconds; the delay stops growing here
+IDLE_TIMEOUT = 300.0  # seconds without a command before a session is closed (RFC 5321 4.5.3.2)
 PASSWORD_CHECKS = 2  # concurrent hash checks per listener, so a login flood cannot fill the pool
 YIELD_EVERY_DOTS = 64  # lines that start with a dot cost a few reads each; let others run
 JOIN_IN_THREAD = 1024 * 1024  # joining a 35 MB message takes ~17 ms: not in the event loop
@@ -373,11 +374,30 @@ class _SMTP(SMTP):
         self.client: IPAddress  # set once connected
         self.failed_logins = 0
         self.in_data = False
+        self._deadline = 0.0  # loop time at which an idle session is closed
 
     def __dir__(self) -> list[str]:
         # SMTP.__init__ runs inspect.getmembers(self) and dir(self) on every connection to find
         # the auth_* and smtp_* methods, about half of its cost; those names are fixed per class.
         return _protocol_names(type(self))
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and re-creates its idle timer for every command (a heap entry and a
+        # cancelled one each time). One timer that re-arms itself when it finds activity since
+        # costs a float per command; it is re-made only when the new deadline is earlier.
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        if self.loop.time() < self._deadline:  # active since the timer was set
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+        else:
+            super()._timeout_cb()
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
@@ -855,6 +875,7 @@ class Listener:
                 ident="ESMTP relay",
                 tls_context=context if tls.mode is TlsMode.STARTTLS else None,
                 auth_require_tls=False,  # _Policy decides: TLS or loopback
+                timeout=IDLE_TIMEOUT,
                 loop=loop,
             )
 

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import relay.listener
 from relay.config import (
     Limits,
     ListenerAuth,
@@ -387,6 +388,25 @@ async def test_a_message_reaches_the_intake_with_its_envelope(serve: Serve) -> N
         ("app@contoso.com", "ops@example.org"),
         ("app@contoso.com", "boss@example.org"),
     ]
+
+
+async def test_an_idle_session_is_closed_and_each_command_puts_that_off(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session with no command for IDLE_TIMEOUT is closed; one that keeps sending commands
+    stays open past several timeouts, and is closed once it stops."""
+    monkeypatch.setattr(relay.listener, "IDLE_TIMEOUT", 0.4)
+    listener = await serve()
+    busy, _ = await ehlo(listener.port)
+    idle, _ = await ehlo(listener.port)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while loop.time() - start < 1.3:  # more than three timeouts, a command every 0.1 s
+        assert await busy.cmd("NOOP") == "250 2.0.0 Ok"
+        await asyncio.sleep(0.1)
+    assert idle.reader.at_eof() or await idle.closed()
+    assert await busy.closed()
+    assert loop.time() - start < 1.3 + 0.4 + 1.0
 
 
 async def test_replies_name_the_queue_id_and_the_session_goes_on(serve: Serve) -> None:
