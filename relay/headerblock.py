@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CRLF = b"\r\n"
 MAX_LINE = 998  # RFC 5322 §2.1.1, without the CRLF
 FOLD_AT = 78  # RFC 5322 §2.1.1: lines SHOULD be no longer than this
 
-_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # ftext name, obsolete WSP before ':'
+# A field: an ftext name (obsolete WSP before the colon allowed), the rest of its line, and its
+# continuation lines (those starting with a space or tab); a last line may lack its LF.
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:[^\n]*(?:\n|\Z)(?:[ \t][^\n]*(?:\n|\Z))*")
 _FOLDING = re.compile(rb"\r?\n(?=[ \t])")
 
 
@@ -44,11 +46,12 @@ class Field:
     """One header field as received: name, colon, value, continuation lines, line ending."""
 
     raw: bytes
+    name: str = field(init=False, repr=False, compare=False)  # lower-cased, e.g. "from"
 
-    @property
-    def name(self) -> str:
-        """The field name, lower-cased, e.g. "from"."""
-        return self.raw[: self.raw.index(b":")].rstrip(b" \t").decode("ascii").lower()
+    def __post_init__(self) -> None:
+        # Once here, not per look-up: the router asks every field's name several times.
+        name = self.raw[: self.raw.index(b":")].rstrip(b" \t").decode("ascii").lower()
+        object.__setattr__(self, "name", name)
 
     @property
     def value(self) -> bytes:
@@ -77,22 +80,15 @@ class HeaderBlock:
 
     @classmethod
     def parse(cls, data: bytes) -> HeaderBlock:
-        fields: list[bytes] = []
+        fields: list[Field] = []
         pos = 0
-        while pos < len(data):
-            end = data.find(b"\n", pos)
-            end = len(data) if end < 0 else end + 1
-            line = data[pos:end]
-            if line in (CRLF, b"\n"):
-                return cls(tuple(map(Field, fields)), line, data[end:])
-            if line[:1] in (b" ", b"\t") and fields:
-                fields[-1] += line
-            elif _FIELD_START.match(line):
-                fields.append(line)
-            else:
-                break
-            pos = end
-        return cls(tuple(map(Field, fields)), b"", data[pos:])
+        while field_match := _FIELD.match(data, pos):  # one match per field, folding included
+            fields.append(Field(field_match.group()))
+            pos = field_match.end()
+        for separator in (CRLF, b"\n"):
+            if data.startswith(separator, pos):
+                return cls(tuple(fields), separator, data[pos + len(separator) :])
+        return cls(tuple(fields), b"", data[pos:])
 
     @property
     def eol(self) -> bytes:

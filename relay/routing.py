@@ -251,7 +251,8 @@ class Router:
         """After DATA: the transactions to spool, or the refusal for the whole message."""
         sender = envelope_address(mail_from)
         block = HeaderBlock.parse(data)
-        from_addrs = tuple(a for f in block.get_all("from") for a in _addr_specs(f))
+        froms = [(f, _addr_specs(f)) for f in block.get_all("from")]
+        from_addrs = tuple(a for _, specs in froms for a in specs)
         groups: dict[int, tuple[_Matcher, list[str]]] = {}
         seen: set[str] = set()
         for rcpt in rcpt_tos:
@@ -269,7 +270,7 @@ class Router:
             if route.sender is SenderPolicy.REWRITE:
                 out, envelope = rewrite_sender(data, route.mailbox), sender and route.mailbox
             else:
-                refusal = _check_headers(matcher, block)
+                refusal = _check_headers(matcher, block, froms)
                 if refusal is not None:
                     return refusal
                 out, envelope = data, sender
@@ -334,10 +335,13 @@ def _addr_specs(field: Field) -> tuple[str, ...]:
     return tuple(a.addr_spec for a in _parse(field)[0])
 
 
-def _check_headers(matcher: _Matcher, block: HeaderBlock) -> Reply | None:
-    """The keep policy at DATA: every From and Sender address may be sent as."""
-    for field in (*block.get_all("from"), *block.get_all("sender")):
-        specs = _addr_specs(field)
+def _check_headers(
+    matcher: _Matcher, block: HeaderBlock, froms: Sequence[tuple[Field, tuple[str, ...]]]
+) -> Reply | None:
+    """The keep policy at DATA: every From (`froms`, already parsed) and Sender address may be
+    sent as."""
+    senders = [(f, _addr_specs(f)) for f in block.get_all("sender")]
+    for field, specs in (*froms, *senders):
         if not specs:
             return matcher.send_as_denied(f"{field.name.title()} header without an address")
         for spec in specs:
