@@ -123,6 +123,7 @@ INTAKE_QUIET = 0.02  # seconds without a commit that end a burst of intake
 MATERIALISE_DELAY = 5.0  # the longest a burst holds back materialisation (and so delivery)
 MATERIALISE_CHUNK = 256  # files written (and open) before one batch sync covers them
 IO_THREADS = 4  # the spool's own threads for file work (commits, materialising, claims)
+LOOP_WRITE_MAX = 256 * 1024  # larger intake batches are framed and written on a spool thread
 
 T = TypeVar("T")
 
@@ -827,10 +828,12 @@ class _Journal:
             if self._fd < 0 or self._size >= self._segment_bytes:
                 await self._offload(self._rotate)
             try:
-                if self._sync is None:
-                    await self._offload(self._write_at, self._fd, data, self._size, True)
+                sync_on_thread = self._sync is None
+                if sync_on_thread or len(data) > LOOP_WRITE_MAX:  # the loop must not stall
+                    await self._offload(self._write_at, self._fd, data, self._size, sync_on_thread)
                 else:
                     self._write_at(self._fd, data, self._size, False)
+                if not sync_on_thread:
                     await self._datasync_in_loop()
             except Exception:  # not a cancellation: that only comes at teardown, like a crash
                 await self._offload(self._cut)
@@ -1136,9 +1139,10 @@ class Spool:
     async def _commit(self, journal: _Journal, batch: list[_Intake]) -> None:
         error: SpoolError | None = None
         try:
-            for item in batch:
-                item.frame = _frame(_MESSAGE, item.head, item.data)
-                item.data = b""
+            if sum(i.size for i in batch) <= LOOP_WRITE_MAX:
+                self._frame_batch(batch)
+            else:  # checksums and copies of a large message: not on the loop
+                await self._offload(self._frame_batch, batch)
             await journal.append([i.frame for i in batch], [i.qid for i in batch])
         except SpoolError as exc:
             error = exc
@@ -1156,6 +1160,12 @@ class Spool:
             if not item.future.done():
                 item.future.set_result(None)
         self._committed.put_nowait(batch)
+
+    @staticmethod
+    def _frame_batch(batch: Sequence[_Intake]) -> None:
+        for item in batch:
+            item.frame = _frame(_MESSAGE, item.head, item.data)
+            item.data = b""
 
     async def _materialise_loop(self) -> None:
         """Materialise committed messages a chunk at a time, each chunk after `_settle`."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from relay.fdsync import LoopSync
-from relay.spool import Disk, Envelope, Spool
+from relay.spool import LOOP_WRITE_MAX, Disk, Envelope, Spool
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"),
@@ -94,10 +94,17 @@ async def test_no_aio_on_an_architecture_without_known_numbers(
 
 
 class CountingDisk(Disk):
-    """The stock Disk (journal syncs may go through AIO) that counts thread-side datasyncs."""
+    """The stock Disk (journal syncs may go through AIO) that counts thread-side datasyncs
+    and notes which thread wrote each journal batch."""
 
     def __init__(self) -> None:
         self.datasyncs = 0
+        self.journal_writers: list[str] = []
+
+    def write(self, fd: int, data: bytes) -> None:
+        if Path(f"/proc/self/fd/{fd}").readlink().suffix == ".journal":
+            self.journal_writers.append(threading.current_thread().name)
+        super().write(fd, data)
 
     def datasync(self, fd: int) -> None:
         self.datasyncs += 1
@@ -111,6 +118,7 @@ async def test_the_spool_journal_syncs_without_a_thread(tmp_path: Path) -> None:
     async with await Spool.open(tmp_path / "spool", disk=disk, rescan_interval=None) as spool:
         ids = await asyncio.gather(*(spool.enqueue(ENVELOPE, b"m%d" % i) for i in range(20)))
         assert disk.datasyncs == 0
+        assert set(disk.journal_writers) == {threading.current_thread().name}  # the loop's
     async with await Spool.open(tmp_path / "spool", rescan_interval=None) as spool:
         assert sorted(e.qid for e in spool.ready()) == sorted(ids)
 
@@ -137,3 +145,20 @@ async def test_a_refused_aio_request_falls_back_to_a_thread(
     assert caplog.text.count("Linux AIO refused") == 1
     async with await Spool.open(tmp_path / "spool", rescan_interval=None) as spool:
         assert sorted(e.qid for e in spool.ready()) == sorted([first, second])
+
+
+async def test_a_large_message_is_written_on_a_thread_and_synced_through_aio(
+    tmp_path: Path,
+) -> None:
+    """A batch over LOOP_WRITE_MAX is framed and written on a spool thread (the loop must not
+    copy and checksum megabytes); its sync still goes through AIO, and it reads back whole."""
+    disk = CountingDisk()
+    big = os.urandom(LOOP_WRITE_MAX * 3)
+    async with await Spool.open(tmp_path / "spool", disk=disk, rescan_interval=None) as spool:
+        qid = await spool.enqueue(ENVELOPE, big)
+        assert disk.datasyncs == 0
+        [writer] = disk.journal_writers
+        assert writer.startswith("spool")
+    async with await Spool.open(tmp_path / "spool", rescan_interval=None) as spool:
+        assert await spool.claim(qid) is not None
+        assert await spool.read(qid) == big
