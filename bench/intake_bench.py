@@ -65,8 +65,9 @@ routes:
   - name: hold
     account: bench
     mailbox: app@contoso.com   # the load generator's sender
+    send_as: [a@contoso.com]   # bench/listener_large.py's sender
     rate: 1/h        # intake only: the scheduler stays idle while we measure
-log:
+{extra}log:
   level: WARNING
 """
 
@@ -96,9 +97,10 @@ def start_sink(port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def start_relay(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def start_relay(port: int, workdir: Path, *, extra: str = "") -> subprocess.Popen[bytes]:
+    """`relay serve` with RELAY_YAML; `extra` adds top-level keys (YAML text)."""
     config = workdir / "relay.yaml"
-    config.write_text(RELAY_YAML.format(port=port, spool=workdir / "spool"))
+    config.write_text(RELAY_YAML.format(port=port, spool=workdir / "spool", extra=extra))
     proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(config)])
     wait_port(port, proc)
     return proc
