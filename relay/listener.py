@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import inspect
 import ipaddress
 import logging
 import re
@@ -356,6 +357,11 @@ def _protocol_names(cls: type) -> list[str]:
     return [name for name in dir(cls) if name.startswith(("auth_", "smtp_"))]
 
 
+@functools.cache
+def _hook_names(cls: type) -> list[str]:
+    return [name for name in dir(cls) if name.startswith(("auth_", "handle_"))]
+
+
 class _SMTP(SMTP):
     """aiosmtpd's SMTP with streaming DATA, async password checks, replies with statuses,
     and the session bookkeeping the listener needs for stop(grace)."""
@@ -605,6 +611,12 @@ class _Policy:
         self._checks = asyncio.Semaphore(PASSWORD_CHECKS)
         self.failed_logins = FailedLogins()
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's SMTP.__init__ runs inspect.getmembers(handler) and dir(handler) on every
+        # connection, looking only for auth_* and handle_* names (about 12 % of the loop's
+        # time with a new connection per message); those names are fixed per class.
+        return _hook_names(type(self))
+
     def reconfigure(self, *, intake: Intake, users: Mapping[str, UserConfig]) -> None:
         self._intake = intake
         self._users = users
@@ -776,6 +788,11 @@ class _Policy:
             log.info("session %s: message refused: %s", server.session_id, e.reply.one_line())
             return str(e.reply)
         return str(Reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+
+
+# aiosmtpd also calls inspect.signature(handler.handle_EHLO) on every connection (about 9 % of
+# the loop's time with a new connection per message); a precomputed __signature__ answers it.
+_Policy.handle_EHLO.__signature__ = inspect.signature(_Policy.handle_EHLO)  # type: ignore[attr-defined]
 
 
 # -- the listener ----------------------------------------------------------------------------
