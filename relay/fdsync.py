@@ -48,11 +48,13 @@ _SLOTS = 64  # completions the context holds: far more than one journal has in f
 class LoopSync:
     """fdatasync through one Linux AIO context; results arrive as loop callbacks."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, libc: ctypes.CDLL, ctx: int) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, libc: ctypes.CDLL, calls: _Calls, ctx: int
+    ) -> None:
         self._loop = loop
         self._libc = libc
+        self._calls = calls
         self._ctx = ctx
-        self._calls = _SYSCALLS[platform.machine()]
         self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._events = ctypes.create_string_buffer(_EVENT.size * _SLOTS)
         self._keys = itertools.count(1)
@@ -64,17 +66,17 @@ class LoopSync:
     def open(cls, loop: asyncio.AbstractEventLoop) -> LoopSync | None:
         """A LoopSync for `loop`, or None where Linux AIO cannot be used (the reason is logged
         at debug level)."""
-        if sys.platform != "linux" or platform.machine() not in _SYSCALLS:
+        calls = _SYSCALLS.get(platform.machine())
+        if sys.platform != "linux" or calls is None:
             return None
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall.restype = ctypes.c_long
         ctx = ctypes.c_ulong(0)
-        number = _SYSCALLS[platform.machine()].setup
-        if libc.syscall(number, ctypes.c_long(_SLOTS), ctypes.byref(ctx)) < 0:
+        if libc.syscall(calls.setup, ctypes.c_long(_SLOTS), ctypes.byref(ctx)) < 0:
             code = ctypes.get_errno()
             log.debug("no Linux AIO for the journal (io_setup: %s)", os.strerror(code))
             return None
-        return cls(loop, libc, ctx.value)
+        return cls(loop, libc, calls, ctx.value)
 
     def datasync(self, fd: int) -> asyncio.Future[None]:
         """fdatasync(fd) in the kernel; the future fails with its OSError, if any. Raises

@@ -353,13 +353,9 @@ class _Session(Session):
 
 
 @functools.cache
-def _protocol_names(cls: type) -> list[str]:
-    return [name for name in dir(cls) if name.startswith(("auth_", "smtp_"))]
-
-
-@functools.cache
-def _hook_names(cls: type) -> list[str]:
-    return [name for name in dir(cls) if name.startswith(("auth_", "handle_"))]
+def _names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The attribute names of `cls` that aiosmtpd looks for: those with one of `prefixes`."""
+    return [name for name in dir(cls) if name.startswith(prefixes)]
 
 
 class _SMTP(SMTP):
@@ -385,7 +381,7 @@ class _SMTP(SMTP):
     def __dir__(self) -> list[str]:
         # SMTP.__init__ runs inspect.getmembers(self) and dir(self) on every connection to find
         # the auth_* and smtp_* methods, about half of its cost; those names are fixed per class.
-        return _protocol_names(type(self))
+        return _names(type(self), ("auth_", "smtp_"))
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates its idle timer for every command (a heap entry and a
@@ -615,7 +611,7 @@ class _Policy:
         # aiosmtpd's SMTP.__init__ runs inspect.getmembers(handler) and dir(handler) on every
         # connection, looking only for auth_* and handle_* names (about 12 % of the loop's
         # time with a new connection per message); those names are fixed per class.
-        return _hook_names(type(self))
+        return _names(type(self), ("auth_", "handle_"))
 
     def reconfigure(self, *, intake: Intake, users: Mapping[str, UserConfig]) -> None:
         self._intake = intake

@@ -1127,16 +1127,13 @@ class Spool:
             batch = [i for i in self._pending if not i.future.done()]
             self._pending.clear()
             if batch:
-                await self._commit_batch(journal, batch)
+                # In a task of its own: a cancelled committer must still see its batch finished.
+                await asyncio.shield(self._commit(journal, batch))
             if self._life is not _Life.OPEN and not self._pending:
                 return
 
-    async def _commit_batch(self, journal: _Journal, batch: list[_Intake]) -> None:
-        """Append `batch` to the journal and answer its waiters, in a task of its own: a
-        cancelled committer must still see its batch finished."""
-        await asyncio.shield(self._commit(journal, batch))
-
     async def _commit(self, journal: _Journal, batch: list[_Intake]) -> None:
+        """Append `batch` to the journal, then answer its waiters."""
         error: SpoolError | None = None
         try:
             if sum(i.size for i in batch) <= LOOP_WRITE_MAX:
