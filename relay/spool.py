@@ -29,6 +29,12 @@ the sync and the 250s. Elsewhere, and for `Disk` test doubles, write and sync ru
 thread. Appends and checkpoints take turns; a new segment, deleting old segments and cutting a
 failed write run on the spool's threads.
 
+Large messages skip the journal. A client message of DIRECT_BYTES or more gets its own file(s)
+at once, the way materialisation writes them (incoming/ID.tmp, sync, rename into queue/, sync
+queue/), on a spool thread, before its 250. Its bytes are written once instead of twice, and its
+sync never sits in front of the group commits that small messages wait for. If the client goes
+away before the 250, the files are removed again once written.
+
 Materialisation, off the critical path. A second task writes each committed message to its own
 file (incoming/ID.tmp), makes a chunk of such files durable with one batch sync (`Disk.sync_batch`:
 syncfs(2) on Linux, one journal commit instead of one per file), renames them into queue/ (so a
@@ -124,6 +130,7 @@ MATERIALISE_DELAY = 5.0  # the longest a burst holds back materialisation (and s
 MATERIALISE_CHUNK = 256  # files written (and open) before one batch sync covers them
 IO_THREADS = 4  # the spool's own threads for file work (commits, materialising, claims)
 LOOP_WRITE_MAX = 256 * 1024  # larger intake batches are framed and written on a spool thread
+DIRECT_BYTES = MiB  # a client message this big skips the journal: its own files at once
 
 T = TypeVar("T")
 
@@ -983,6 +990,7 @@ class Spool:
         self._rescanning = asyncio.Lock()
         self._callbacks: list[ReadyCallback] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._direct: set[asyncio.Future[None]] = set()  # large messages being stored
         # Our own threads for disk work: a busy default executor (MSAL calls, an embedding
         # application's blocking code) must never hold up the 250s.
         self._executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="spool")
@@ -1081,9 +1089,12 @@ class Spool:
             head = _json(_message_header(qid, envelope))  # a bad envelope fails here, alone
             items.append(_Intake(qid, envelope, head, len(data), data, loop.create_future()))
         for item in items:  # no await in between: the committer takes them in one batch
-            self._pending.append(item)
             self._intake[item.qid] = item
             self._account(item.size)
+        if sum(item.size for item in items) >= DIRECT_BYTES:
+            await self._store_direct(items)
+            return [item.qid for item in items]
+        self._pending.extend(items)
         self._wake.set()
         try:
             if len(items) == 1:
@@ -1098,6 +1109,39 @@ class Spool:
                     item.future.cancel()
             raise
         return [item.qid for item in items]
+
+    async def _store_direct(self, items: list[_Intake]) -> None:
+        """A large message gets its own files in queue/ at once, written and synced once on a
+        spool thread, instead of a journal record and a file later: its sync never holds up
+        the group commits that small messages wait for, and its bytes are written once."""
+        store = self._offload(self._store_direct_job, items)
+        self._direct.add(store)
+        try:
+            await asyncio.shield(store)
+        except asyncio.CancelledError:  # the client went away before its 250: never deliver it
+            with contextlib.suppress(SpoolError):
+                await asyncio.wait([store])
+                if store.exception() is None:
+                    for item in items:
+                        await self._offload(self._files.remove, State.QUEUE, item.qid)
+            raise
+        finally:
+            self._direct.discard(store)
+            for item in items:
+                self._forget(item)
+        self._admit(items)
+
+    def _store_direct_job(self, items: Sequence[_Intake]) -> None:
+        self._frame_batch(items)
+        self._files.materialise([(i.qid, i.frame) for i in items])
+
+    def _admit(self, items: Iterable[_Intake]) -> None:
+        """Messages that have their files in queue/: claimable now."""
+        for item in items:
+            entry = _new_entry(item.qid, State.QUEUE, item.envelope, item.size)
+            self._index[item.qid] = entry
+            self._touch(item.qid)
+            self._notify(entry)
 
     def _next_id(self) -> str:
         us = max(time.time_ns() // 1000, self._last_us + 1)
@@ -1229,11 +1273,7 @@ class Spool:
         self._trouble = None
         for item in batch:
             self._forget(item)
-        for item in keep:
-            entry = _new_entry(item.qid, State.QUEUE, item.envelope, item.size)
-            self._index[item.qid] = entry
-            self._touch(item.qid)
-            self._notify(entry)
+        self._admit(keep)
         return True
 
     # Scheduler side ------------------------------------------------------------------------
@@ -1417,6 +1457,8 @@ class Spool:
         self._closing.set()
         self._room.set()
         self._wake.set()
+        if self._direct:
+            await asyncio.wait(self._direct)
         commit, materialise, *rest = self._tasks
         await commit
         self._committed.put_nowait(None)

@@ -24,6 +24,7 @@ import pytest
 
 from relay.errors import SpoolError, SpoolFull
 from relay.spool import (
+    DIRECT_BYTES,
     Disk,
     Envelope,
     Outcome,
@@ -438,6 +439,20 @@ async def test_aclose_flushes_commits_in_flight(path: Path) -> None:
     assert files(path, "queue") == sorted(ids)
 
 
+async def test_aclose_waits_for_large_messages_being_stored(path: Path) -> None:
+    """The lock is not released while a large message is still being written (a slow sync)."""
+    disk = FaultyDisk()
+    disk.before = lambda op, p: time.sleep(0.2) if op == "sync" and is_materialising(p) else None
+    spool = await Spool.open(path, disk=disk, rescan_interval=None)
+    pending = [
+        asyncio.create_task(spool.enqueue(ENVELOPE, b"%d" % i * DIRECT_BYTES)) for i in range(3)
+    ]
+    await asyncio.sleep(0)
+    await spool.aclose()
+    assert all(t.done() for t in pending)
+    assert files(path, "queue") == sorted(t.result() for t in pending)
+
+
 # Crash safety --------------------------------------------------------------------------------
 
 
@@ -641,6 +656,58 @@ async def test_sigkill_chaos(path: Path) -> None:
 
 
 # Failures ------------------------------------------------------------------------------------
+
+
+# Large messages: their own files at once ----------------------------------------------------
+
+
+async def test_a_large_message_gets_its_files_at_once_without_the_journal(path: Path) -> None:
+    """A client message of DIRECT_BYTES or more (here split over two routes) is written once,
+    straight to queue/ (through incoming/*.tmp), is claimable when enqueue returns, and never
+    touches the journal, so its sync cannot hold up small messages' group commits."""
+    disk = FaultyDisk()
+    written: list[Path] = []
+    disk.before = lambda op, p: written.append(p) if op == "write" else None
+    big = b"x" * DIRECT_BYTES
+    async with await Spool.open(path, disk=disk, rescan_interval=None) as spool:
+        ready = Ready(spool)
+        ids = await spool.enqueue_many([(ENVELOPE, big[:100]), (ENVELOPE, big)])
+        assert files(path, "queue") == sorted(ids)
+        assert [e.qid for e in ready.entries] == ids  # no wait for the materialiser
+        assert not any(is_journal(p) for p in written)
+        small = await spool.enqueue(ENVELOPE, b"small")
+        assert [p for p in written if is_journal(p)]  # small ones still go to the journal
+    async with await Spool.open(path, rescan_interval=None) as spool:
+        assert sorted(e.qid for e in spool.ready()) == sorted([*ids, small])
+        await spool.claim(ids[1])
+        assert await spool.read(ids[1]) == big
+
+
+async def test_a_large_message_whose_client_left_is_never_delivered(path: Path) -> None:
+    """The enqueue of a large message is cancelled (the session went away) while its file is
+    being synced: once the write ends, the file is removed and the message never appears."""
+    disk = FaultyDisk()
+    syncing, release = threading.Event(), threading.Event()
+
+    def hold(op: str, p: Path) -> None:
+        if op == "sync" and is_materialising(p) and not release.is_set():
+            syncing.set()
+            release.wait()
+
+    disk.before = hold
+    async with await Spool.open(path, disk=disk, rescan_interval=None) as spool:
+        ready = Ready(spool)
+        task = asyncio.create_task(spool.enqueue(ENVELOPE, b"x" * DIRECT_BYTES))
+        await asyncio.to_thread(syncing.wait)
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert files(path, "queue") == []
+        assert ready.entries == [] and spool.ready() == []
+        assert repr(spool) == f"<Spool {path} open {counts(path)}>"
+    async with await Spool.open(path, rescan_interval=None) as spool:
+        assert spool.ready() == []
 
 
 @pytest.mark.parametrize(
