@@ -92,6 +92,19 @@ class FaultyDisk(Disk):
             self._sync(fd)
         super().sync_batch(fds)
 
+    def hold_syncs(self, matching: Callable[[Path], bool]) -> tuple[threading.Event, ...]:
+        """Syncs of `matching` paths wait until `release` is set; `held` says one is waiting.
+        Returns (held, release)."""
+        held, release = threading.Event(), threading.Event()
+
+        def hold(op: str, path: Path) -> None:
+            if op == "sync" and matching(path) and not release.is_set():
+                held.set()
+                release.wait()
+
+        self.before = hold
+        return held, release
+
     def _sync(self, fd: int) -> None:
         self.before("sync", self._paths[fd])
         code = self.fail_sync(self._paths[fd])
@@ -406,14 +419,7 @@ async def test_cancelled_enqueue_is_never_delivered(path: Path) -> None:
     """A session that goes away before its 250 (its enqueue is cancelled) leaves no message,
     whether the batch was still gathering or already being written."""
     disk = FaultyDisk()
-    writing, release = threading.Event(), threading.Event()
-
-    def hold_journal(op: str, p: Path) -> None:
-        if op == "sync" and is_journal(p) and not release.is_set():
-            writing.set()
-            release.wait()
-
-    disk.before = hold_journal
+    writing, release = disk.hold_syncs(is_journal)
     async with await Spool.open(path, disk=disk, rescan_interval=None) as spool:
         in_flight = asyncio.create_task(spool.enqueue(ENVELOPE, b"first"))
         await asyncio.to_thread(writing.wait)
@@ -687,14 +693,7 @@ async def test_a_large_message_whose_client_left_is_never_delivered(path: Path) 
     """The enqueue of a large message is cancelled (the session went away) while its file is
     being synced: once the write ends, the file is removed and the message never appears."""
     disk = FaultyDisk()
-    syncing, release = threading.Event(), threading.Event()
-
-    def hold(op: str, p: Path) -> None:
-        if op == "sync" and is_materialising(p) and not release.is_set():
-            syncing.set()
-            release.wait()
-
-    disk.before = hold
+    syncing, release = disk.hold_syncs(is_materialising)
     async with await Spool.open(path, disk=disk, rescan_interval=None) as spool:
         ready = Ready(spool)
         task = asyncio.create_task(spool.enqueue(ENVELOPE, b"x" * DIRECT_BYTES))
